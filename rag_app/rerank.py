@@ -1,0 +1,57 @@
+"""Reranking slot: the trained relevance classifier (cross-encoder) when one is registered,
+else the bi-encoder cosine between the question and each chunk's stored vector."""
+from __future__ import annotations
+
+import numpy as np
+
+from .index import ChunkIndex
+from .types import Chunk
+
+# A score below these means the best evidence is weak (calibrated on the default corpus with
+# `rag eval weak`, see README): cosine for the bi-encoder, probability for the classifier.
+COSINE_WEAK = 0.35
+CLASSIFIER_WEAK = 0.5
+
+
+class Reranker:
+    def __init__(self, index: ChunkIndex, embedder, model: str | None = None,
+                 weak_threshold: float | None = None):
+        self.index = index
+        self.embedder = embedder
+        self.model_ref = model
+        self._cross = None
+        self.kind = "cross-encoder" if model else "bi-encoder"
+        self.weak_threshold = weak_threshold if weak_threshold is not None else (
+            CLASSIFIER_WEAK if model else COSINE_WEAK)
+
+    @property
+    def cross_encoder(self):
+        if self._cross is None:
+            from sentence_transformers import CrossEncoder
+
+            try:
+                self._cross = CrossEncoder(self.model_ref, device="cpu")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load relevance classifier {self.model_ref!r} ({e}): "
+                                 "pass a valid cross-encoder folder, or unset it to rerank "
+                                 "with the bi-encoder") from None
+        return self._cross
+
+    def score(self, question: str, chunks: list[Chunk],
+              query_vec: np.ndarray | None = None) -> np.ndarray:
+        if not chunks:
+            return np.zeros(0, dtype=np.float32)
+        if self.model_ref:
+            pairs = [(question, f"{c.title}\n{c.text}") for c in chunks]
+            return np.asarray(self.cross_encoder.predict(pairs, show_progress_bar=False),
+                              dtype=np.float32).reshape(-1)
+        if query_vec is None:
+            query_vec = self.embedder.encode([question])[0]
+        vecs = self.index.vectors([self.index.row_of(c.id) for c in chunks])
+        return vecs @ np.asarray(query_vec, dtype=np.float32)
+
+    def rerank(self, question: str, chunks: list[Chunk], top_k: int,
+               query_vec: np.ndarray | None = None) -> list[Chunk]:
+        scores = self.score(question, chunks, query_vec)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [chunks[i].with_score(float(scores[i]), "rerank") for i in order]

@@ -1,0 +1,81 @@
+"""Dense (FAISS) and BM25 retrieval, fused by reciprocal rank fusion -> scored Chunks."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import RETRIEVAL_MODES, RetrievalConfig
+from .index import ChunkIndex, _bm25_tokens
+from .types import Chunk
+
+
+def rrf_fuse(rankings: list[list[int]], k: int = 60) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: sum over rankings of 1 / (k + rank), rank starting at 1."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, row in enumerate(ranking, start=1):
+            scores[row] = scores.get(row, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+class Retriever:
+    def __init__(self, index: ChunkIndex, embedder, config: RetrievalConfig = RetrievalConfig()):
+        self.index = index
+        self.embedder = embedder
+        self.config = config
+
+    def dense_rows(self, queries: list[str], k: int,
+                   query_vecs: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        vecs = self.embedder.encode(queries) if query_vecs is None else query_vecs
+        k = min(k, len(self.index))
+        scores, rows = self.index.faiss.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        return [[(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0]
+                for rr, ss in zip(rows, scores)]
+
+    def bm25_rows(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
+        k = min(k, len(self.index))
+        out = []
+        for toks in _bm25_tokens(queries):
+            toks = [t for t in toks if t in self.index.bm25.vocab_dict]
+            if not toks:
+                out.append([])
+                continue
+            rows, scores = self.index.bm25.retrieve([toks], k=k, show_progress=False,
+                                                    n_threads=1)
+            out.append([(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if s > 0])
+        return out
+
+    def search_batch(self, queries: list[str], k: int | None = None, mode: str | None = None,
+                     query_vecs: np.ndarray | None = None) -> list[list[Chunk]]:
+        """Top-k chunks per query. Each chunk's `scores` holds what each retriever gave it."""
+        mode = mode or self.config.mode
+        if mode not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval mode {mode!r} is invalid: choose one of "
+                             f"{RETRIEVAL_MODES}")
+        k = k or self.config.top_k
+        n_cand = max(k, self.config.candidates)
+        dense = self.dense_rows(queries, n_cand, query_vecs) if mode != "bm25" else None
+        sparse = self.bm25_rows(queries, n_cand) if mode != "dense" else None
+        results = []
+        for qi in range(len(queries)):
+            d = dict(dense[qi]) if dense is not None else {}
+            b = dict(sparse[qi]) if sparse is not None else {}
+            if mode == "dense":
+                ranked = dense[qi]
+            elif mode == "bm25":
+                ranked = sparse[qi]
+            else:
+                ranked = rrf_fuse([[r for r, _ in dense[qi]], [r for r, _ in sparse[qi]]],
+                                  self.config.rrf_k)
+            chunks = []
+            for row, score in ranked[:k]:
+                c = self.index.chunks[row].with_score(score, mode)
+                if row in d:
+                    c.scores["dense"] = d[row]
+                if row in b:
+                    c.scores["bm25"] = b[row]
+                chunks.append(c)
+            results.append(chunks)
+        return results
+
+    def search(self, query: str, k: int | None = None, mode: str | None = None) -> list[Chunk]:
+        return self.search_batch([query], k, mode)[0]
