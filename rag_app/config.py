@@ -61,7 +61,7 @@ class GenerationConfig:
     max_new_tokens: int = 160
     max_prompt_tokens: int = 1536
     temperature: float = 0.0  # 0 = greedy
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.0  # > 1 also penalises copying the sources' words
     max_question_chars: int = 2000
 
     def __post_init__(self):

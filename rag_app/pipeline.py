@@ -211,7 +211,8 @@ class RagPipeline:
                chunks: list[Chunk] | None = None) -> Iterator[Answer]:
         """Yields partial Answers as the text grows; the last one is parsed and final.
         Pass `chunks` to answer from already retrieved sources (side-by-side comparison)."""
-        from .prompts import parse_answer
+        from .cite import attribute
+        from .prompts import parse_answer, trim_generation
 
         q = self.check_question(question)
         t0 = time.perf_counter()
@@ -232,5 +233,11 @@ class RagPipeline:
             yield Answer(q, raw, sources, [], name, False, raw, [], dict(timings))
         timings["generate"] = (time.perf_counter() - tg) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
-        text, cited, dropped = parse_answer(raw, sources)
-        yield Answer(q, text, sources, cited, name, False, raw, dropped, timings)
+        text, cited, dropped = parse_answer(trim_generation(raw), sources)
+        how = "model" if cited else "none"
+        text, more, unsupported = attribute(text, sources)
+        if more and not cited:
+            how = "attributed"
+        cited += [c for c in more if c not in cited]
+        yield Answer(q, text, sources, cited, name, False, raw, dropped, timings, how,
+                     unsupported)

@@ -58,6 +58,9 @@ class Answer:
     raw_text: str = ""  # the model's text before parsing
     dropped_citations: list[int] = field(default_factory=list)  # [n] not among the sources
     timings_ms: dict = field(default_factory=dict)
+    # who placed the citations: "model", "attributed" (post-hoc, rag_app/cite.py) or "none"
+    citation_source: str = "none"
+    unsupported_sentences: int = 0  # sentences no source supports (post-hoc check)
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +70,8 @@ class Answer:
                          "text": s.text, "number": s.number} for s in self.sources],
             "citations": self.citations,
             "weak_evidence": self.weak_evidence,
+            "citation_source": self.citation_source,
+            "unsupported_sentences": self.unsupported_sentences,
             "model": self.model,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
         }

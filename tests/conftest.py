@@ -21,7 +21,12 @@ def _isolated_dirs(tmp_path_factory):
     cached in the repo's models/ folder (gitignored) so it is converted once per machine."""
     root = tmp_path_factory.mktemp("rag")
     os.environ["RAG_INDEXES_DIR"] = str(root / "indexes")
-    os.environ.setdefault("RAG_BASE_CACHE", str(REPO / "models"))
+    models = root / "models"
+    models.mkdir()
+    cache = REPO / "models" / "base"
+    cache.mkdir(parents=True, exist_ok=True)
+    (models / "base").symlink_to(cache, target_is_directory=True)
+    os.environ["RAG_MODELS_DIR"] = str(models)
     yield root
 
 

@@ -1,0 +1,247 @@
+"""Model registry: which base / tuned models exist, which one is active, and rollback.
+
+One JSON file, `<models_dir>/registry.json`:
+    {"models": {name: entry}, "active": {kind: name}, "history": {kind: [previous names]}}
+An entry is {"name", "kind", "path", "base_model", "training_type", "created", "metrics",
+"manifest"}. Paths inside the registry's folder are stored relative to it, so the folder can
+move. Writes are atomic (temp file + os.replace) under a file lock.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rag_app.config import models_dir
+from rag_app.generate import (BASE_ALIASES, BASE_NAME, ensure_base_checkpoint,
+                              resolve_generator_path)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("generator", "relevance", "embedder")
+REGISTRY_FILE = "registry.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NO_TUNED = ("no tuned generator is registered yet; train one with `rag train instruct` "
+            "or pass --model base|PATH")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is invalid: choose one of {KINDS}")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when the folder holds a peft adapter rather than a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+class ModelRegistry:
+    """Read and update `registry.json` under `root` (default: models_dir())."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else models_dir()
+        self.file = self.root / REGISTRY_FILE
+
+    # -- storage
+    def _read(self) -> dict:
+        if not self.file.exists():
+            return {"models": {}, "active": {}, "history": {}}
+        try:
+            data = json.loads(self.file.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+                raise ValueError("top level must be an object with a 'models' object")
+        except (json.JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model registry {self.file} is corrupt ({exc}): fix or delete the "
+                             "file (models stay on disk and can be registered again)") from exc
+        for key in ("models", "active", "history"):
+            data.setdefault(key, {})
+        return data
+
+    def _write(self, data: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".json", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+            os.replace(tmp, self.file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def _update(self) -> Iterator[dict]:
+        """Read-modify-write under an exclusive lock; writes only if the block succeeds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{REGISTRY_FILE}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = self._read()
+                yield data
+                self._write(data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _store_path(self, path: Path) -> str:
+        path = path.resolve()
+        try:
+            return str(path.relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def _public(self, entry: dict) -> dict:
+        entry = dict(entry)
+        entry["path"] = str(self.root / entry["path"])  # absolute paths stay absolute
+        return entry
+
+    # -- API
+    def register(self, name: str, kind: str, path: str | Path, base_model: str = "",
+                 training_type: str = "", metrics: dict | None = None,
+                 manifest: dict | None = None, activate: bool = False) -> dict:
+        """Add (or replace) a model entry; with activate=True make it the active one."""
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name in BASE_ALIASES + ("tuned",):
+            raise ValueError(f"name={name!r} is invalid: use letters, digits, '.', '_', '-' "
+                             "(not 'base', 'default' or 'tuned')")
+        _check_kind(kind)
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"path={str(path)!r} is not a directory: save the model first, "
+                             "then register its folder")
+        entry = {"name": name, "kind": kind, "path": self._store_path(path),
+                 "base_model": base_model, "training_type": training_type,
+                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "metrics": dict(metrics or {}), "manifest": dict(manifest or {})}
+        with self._update() as data:
+            old = data["models"].get(name)
+            if old is not None and old["kind"] != kind:
+                raise ValueError(f"name={name!r} is already registered as a {old['kind']} model: "
+                                 "choose another name")
+            if old is not None:
+                log.info("replacing registered model %s", name)
+            data["models"][name] = entry
+            if activate:
+                self._activate(data, kind, name)
+        return self._public(entry)
+
+    def get(self, name: str) -> dict:
+        """The entry called `name`; ValueError listing the known names if absent."""
+        models = self._read()["models"]
+        if name not in models:
+            raise ValueError(f"model {name!r} is not registered: known models are "
+                             f"{sorted(models) or 'none'}")
+        return self._public(models[name])
+
+    def list(self, kind: str | None = None) -> list[dict]:
+        """All entries (optionally of one kind), oldest first."""
+        if kind is not None:
+            _check_kind(kind)
+        entries = [e for e in self._read()["models"].values() if kind in (None, e["kind"])]
+        return [self._public(e) for e in sorted(entries, key=lambda e: (e["created"], e["name"]))]
+
+    def active(self, kind: str) -> dict | None:
+        """The active entry of this kind, or None (= the base model is used)."""
+        _check_kind(kind)
+        data = self._read()
+        name = data["active"].get(kind)
+        if name is None or name not in data["models"]:
+            return None
+        return self._public(data["models"][name])
+
+    def set_active(self, kind: str, name: str) -> dict:
+        """Make `name` the active model of `kind`; the previous one goes to the history."""
+        _check_kind(kind)
+        with self._update() as data:
+            self._activate(data, kind, name)
+            entry = data["models"][name]
+        return self._public(entry)
+
+    @staticmethod
+    def _activate(data: dict, kind: str, name: str) -> None:
+        entry = data["models"].get(name)
+        if entry is None:
+            raise ValueError(f"model {name!r} is not registered: register it first")
+        if entry["kind"] != kind:
+            raise ValueError(f"model {name!r} is a {entry['kind']} model, not a {kind} model")
+        previous = data["active"].get(kind)
+        if previous == name:
+            return
+        if previous is not None:
+            data["history"].setdefault(kind, []).append(previous)
+        data["active"][kind] = name
+
+    def rollback(self, kind: str) -> dict | None:
+        """Re-activate the previously active model; with no history, deactivate (-> base).
+
+        Returns the newly active entry, or None when the base model is active again.
+        """
+        _check_kind(kind)
+        with self._update() as data:
+            if data["active"].get(kind) is None:
+                raise ValueError(f"no active {kind} model to roll back from")
+            history = data["history"].get(kind, [])
+            while history and history[-1] not in data["models"]:
+                history.pop()  # skip entries removed by hand
+            name = history.pop() if history else None
+            if name is None:
+                data["active"].pop(kind, None)
+            else:
+                data["active"][kind] = name
+            entry = data["models"].get(name) if name else None
+        return self._public(entry) if entry else None
+
+    # -- generators
+    def resolve_generator(self, model: str) -> tuple[str, str | None, str]:
+        """(base model path or HF id, adapter path or None, display name) for `model`.
+
+        `model` is "base"/"default", "tuned" (the active generator), a registered name, a
+        local folder (full model or peft adapter) or a Hugging Face id.
+        """
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model={model!r} is invalid: use 'base', 'tuned', a registered "
+                             "name, a local path or a Hugging Face id")
+        model = model.strip()
+        if model in BASE_ALIASES:
+            return str(ensure_base_checkpoint()), None, "base"
+        if model == "tuned":
+            entry = self.active("generator")
+            if entry is None:
+                raise ValueError(NO_TUNED)
+            return self._resolve_entry(entry)
+        registered = self._read()["models"].get(model)
+        if registered is not None:
+            if registered["kind"] != "generator":
+                raise ValueError(f"model {model!r} is a {registered['kind']} model, not a "
+                                 "generator")
+            return self._resolve_entry(self._public(registered))
+        if Path(model).is_dir() and is_adapter_dir(model):
+            return self._resolve_adapter(Path(model), "", Path(model).name)
+        path = resolve_generator_path(model)
+        return path, None, Path(path).name if Path(path).is_dir() else model
+
+    def _resolve_entry(self, entry: dict) -> tuple[str, str | None, str]:
+        path = Path(entry["path"])
+        if not path.is_dir():
+            raise ValueError(f"registered model {entry['name']!r} points to {path}, which does "
+                             "not exist: retrain it, or `rollback` to the previous model")
+        if is_adapter_dir(path):
+            return self._resolve_adapter(path, entry.get("base_model", ""), entry["name"])
+        return str(path), None, entry["name"]
+
+    @staticmethod
+    def _resolve_adapter(path: Path, base_model: str, name: str) -> tuple[str, str, str]:
+        if not base_model:
+            try:
+                cfg = json.loads((path / "adapter_config.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path / 'adapter_config.json'} is corrupt: {exc}") from exc
+            base_model = cfg.get("base_model_name_or_path") or "base"
+        if Path(base_model).name == BASE_NAME and not Path(base_model).is_dir():
+            base_model = "base"  # trained on another machine: use the local conversion
+        return resolve_generator_path(base_model), str(path), name
