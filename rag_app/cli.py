@@ -69,6 +69,7 @@ def _add_eval(sub) -> None:
     q.add_argument("--limit", type=int, default=30)
     q.add_argument("--max-new-tokens", type=int, default=128)
     q.add_argument("--out", help="write the results as JSON here")
+    return esub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_index_cmds(sub)
     _add_ask(sub)
-    _add_eval(sub)
+    esub = _add_eval(sub)
+    try:  # the fine-tuning side plugs its commands in (training/cli.py)
+        from training.cli import add_eval_parsers, add_train_parser
+    except ImportError:
+        return parser
+    add_train_parser(sub)
+    add_eval_parsers(esub)
     return parser
 
 
@@ -165,7 +172,19 @@ def cmd_ask(args) -> int:
 def cmd_eval(args) -> int:
     from .eval_cli import eval_qa, eval_retrieval
 
-    return eval_retrieval(args) if args.what == "retrieval" else eval_qa(args)
+    if args.what == "retrieval":
+        return eval_retrieval(args)
+    if args.what == "qa":
+        return eval_qa(args)
+    from training.cli import run_eval
+
+    return run_eval(args)
+
+
+def cmd_train(args) -> int:
+    from training.cli import run_train
+
+    return run_train(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"index": cmd_index, "ask": cmd_ask, "eval": cmd_eval}[args.command](args)
+        return {"index": cmd_index, "ask": cmd_ask, "eval": cmd_eval,
+                "train": cmd_train}[args.command](args)
     except ValueError as e:  # user input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

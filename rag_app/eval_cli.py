@@ -64,6 +64,13 @@ def eval_retrieval(args) -> int:
         result["modes"][mode] = m
         print(f"{mode:8s} " + " ".join(f"{m[c]:10.4f}" for c in COLUMNS)
               + f"  {len(ds.queries) / dt:5.1f}")
+    from .rerank import COSINE_WEAK
+
+    qs = list(ds.queries.values())
+    best = [rows[0][1] if rows else 0.0 for rows in pipe.retriever.dense_rows(qs, 1)]
+    result["weak_evidence_rate"] = sum(b < COSINE_WEAK for b in best) / max(len(best), 1)
+    print(f"questions whose best passage has cosine < {COSINE_WEAK} (answered as weak "
+          f"evidence): {result['weak_evidence_rate']:.1%}")
     _save(args.out, result)
     if args.out:
         plot_retrieval(result, str(Path(args.out).with_suffix(".png")))
