@@ -25,6 +25,10 @@ def _add_index_cmds(sub) -> None:
     b.add_argument("--type", default="flat", choices=["flat", "hnsw", "ivf"])
     b.add_argument("--embedder", default="default",
                    help="sentence-transformers id or path (default: packaged MiniLM)")
+    b.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="embedding backend; queries use the same one")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
+                   help="openvino precision (auto: bf16/int8 where the CPU has them)")
     b.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk")
     b.add_argument("--chunk-overlap", type=int, default=32)
     a = isub.add_parser("add", help="append documents to an existing index")
@@ -107,7 +111,10 @@ def cmd_index(args) -> int:
         return 0
     t = time.perf_counter()
     if args.action == "build":
-        index, rep = build_index(args.name, args.source, args.type, args.embedder,
+        from .embed import make_embedder
+
+        emb = make_embedder(args.embedder, args.backend, args.precision)
+        index, rep = build_index(args.name, args.source, args.type, emb,
                                  ChunkConfig(args.chunk_size, args.chunk_overlap))
         added = len(index)
     else:
