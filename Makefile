@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install app test bench clean
+.PHONY: install app test bench clean chromium
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,12 @@ $(VENV)/.installed: pyproject.toml
 app: install
 	$(PY) app.py
 
-test: install
+# The browser test drives Debian's chromium (never `playwright install`: it downloads).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser test will be skipped"
+
+test: install chromium
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

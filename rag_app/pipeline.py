@@ -165,6 +165,22 @@ class RagPipeline:
                                           name=name)
         return self._generator
 
+    def reset(self, index: bool = False, reranker: bool = True, generator: bool = True) -> None:
+        """Drop cached parts so the next use reloads them (an index rebuilt on disk, a newly
+        promoted model in the registry)."""
+        if index:
+            self._index = self._embedder = self._retriever = None
+            reranker = True
+        if reranker:
+            self._reranker = None
+        if generator:
+            self._generator = None
+
+    def share_retrieval_from(self, other: "RagPipeline") -> None:
+        """Use another pipeline's index, embedder, retriever and reranker (no second copy)."""
+        self._index, self._embedder = other.index, other.embedder
+        self._retriever, self._reranker = other.retriever, other.reranker
+
     def warm_up(self, generator: bool = True) -> "RagPipeline":
         _ = self.retriever, self.reranker
         if generator:

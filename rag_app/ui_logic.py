@@ -1,0 +1,236 @@
+"""The Ask page's logic: retrieve once, stream the base and the tuned answer on the same sources,
+render everything as escaped HTML (document and model text is data, never markup), and record
+the interaction for ratings. app.py only wires these functions to components.
+"""
+from __future__ import annotations
+
+import html
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+from .cite import support
+from .config import GenerationConfig, RetrievalConfig
+from .feedback import FeedbackStore
+from .models import ModelRegistry
+from .pipeline import RagPipeline
+from .present import DISCLAIMER
+from .types import Answer, Chunk, Source
+
+NO_TUNED_TEXT = "No tuned model yet — train one in the Fine-tune tab."
+_SENT = re.compile(r"(?<=[.!?])\s+")
+_CITE = re.compile(r"\[(\d+)\]")
+
+
+class AppState:
+    """What every page of one app process shares: the active index, the two pipelines (base and
+    tuned generator, one retrieval), the feedback store. Models follow the registry: when the
+    active relevance model or generator changes, cached models are dropped (no restart)."""
+
+    def __init__(self, index: str = "default", model: str = "base",
+                 generation: GenerationConfig = GenerationConfig(),
+                 feedback: FeedbackStore | None = None, top_k: int = 5):
+        self.model = model
+        self.generation = generation
+        self.top_k = top_k
+        self.feedback = feedback or FeedbackStore()
+        self._lock = threading.RLock()
+        self._signature: tuple | None = None
+        self.set_index(index)
+
+    # -- pipelines
+    def set_index(self, index: str) -> None:
+        with self._lock:
+            self.index_name = index
+            self.base = RagPipeline(index, self.model, RetrievalConfig(top_k=self.top_k),
+                                    self.generation, build_if_missing=False)
+            self.tuned = RagPipeline(index, "tuned", RetrievalConfig(top_k=self.top_k),
+                                     self.generation, build_if_missing=False)
+            self._signature = self.registry_signature()
+
+    def reload_index(self) -> None:
+        """The index changed on disk (upload, rebuild): reload it, keep the generators."""
+        with self._lock:
+            for p in (self.base, self.tuned):
+                p.reset(index=True, generator=False)
+
+    @staticmethod
+    def registry_signature() -> tuple:
+        reg = ModelRegistry()
+        return tuple((e or {}).get("name") for e in (reg.active("relevance"),
+                                                   reg.active("generator")))
+
+    def reload_models(self) -> None:
+        """Drop cached reranker and generators so the next answer uses the active models."""
+        with self._lock:
+            self.base.reset(generator=self.model == "tuned")
+            self.tuned.reset()
+            self._signature = self.registry_signature()
+
+    def sync_models(self) -> None:
+        if self.registry_signature() != self._signature:
+            self.reload_models()
+
+    def tuned_available(self) -> bool:
+        return ModelRegistry().active("generator") is not None
+
+    def share_retrieval(self) -> None:
+        """The tuned pipeline reuses the base pipeline's index, embedder and reranker."""
+        self.tuned.share_retrieval_from(self.base)
+
+    def reranker_label(self) -> str:
+        ref = self.base.reranker.model_ref
+        if not ref:
+            return "bi-encoder cosine (no relevance model)"
+        for e in ModelRegistry().list("relevance"):
+            if e["path"] == ref:
+                return f"relevance model {e['name']}"
+        return f"relevance model {ref}"
+
+    # -- the Ask event
+    def ask(self, question: str, top_k: int = 5) -> Iterator[tuple]:
+        """Yields (status, sources, base answer, tuned answer, interaction id) as HTML."""
+        self.sync_models()
+        with self._lock:
+            base, tuned = self.base, self.tuned
+        q = base.check_question(question)
+        timings: dict = {}
+        chunks = base.retrieve(q, int(top_k), timings)
+        self.share_retrieval()
+        weak = base.is_weak(chunks)
+        status = status_html(self.index_name, self.reranker_label(), len(chunks), timings, weak)
+        pending = '<div class="ans pending">waiting…</div>'
+        has_tuned = self.tuned_available()
+        tuned_html = pending if has_tuned else notice_html(NO_TUNED_TEXT)
+        yield status, sources_html(to_sources(chunks), []), pending, tuned_html, None
+        base_final = None
+        for base_final, html_ in _stream(base, q, chunks):
+            yield status, sources_html(base_final.sources, []), html_, tuned_html, None
+        tuned_final = None
+        if has_tuned:
+            for tuned_final, html_ in _stream(tuned, q, chunks):
+                yield status, sources_html(base_final.sources, []), answer_html(base_final), \
+                    html_, None
+        answers = [a for a in (base_final, tuned_final) if a is not None]
+        iid = self.feedback.record(q, base_final.sources, base_final, tuned_final)
+        yield (status, sources_html(base_final.sources, answers), answer_html(base_final),
+               answer_html(tuned_final) if tuned_final else tuned_html, iid)
+
+
+def to_sources(chunks: list[Chunk]) -> list[Source]:
+    from .pipeline import to_sources as _to_sources
+
+    return _to_sources(chunks)
+
+
+def _stream(pipe: RagPipeline, q: str, chunks: list[Chunk]) -> Iterator[tuple[Answer, str]]:
+    t0 = time.perf_counter()
+    final = None
+    for final in pipe.stream(q, chunks=chunks):
+        yield final, answer_html(final, partial=True)
+    final.timings_ms["wall"] = (time.perf_counter() - t0) * 1000
+    yield final, answer_html(final)
+
+
+# ---------- rendering (everything escaped) ----------
+def answer_html(ans: Answer, partial: bool = False) -> str:
+    """The answer with [n] linked to its source card, a weak-evidence banner and latency."""
+    n = len(ans.sources)
+    text = html.escape(ans.text)
+    text = _CITE.sub(lambda m: (f'<a class="cite" href="#src-{m.group(1)}">[{m.group(1)}]</a>'
+                                if 1 <= int(m.group(1)) <= n else m.group(0)), text)
+    text = text.replace("\n", "<br>")
+    weak = ('<div class="weak">⚠️ Weak evidence: the retrieved sources do not clearly answer '
+            'this question.</div>' if ans.weak_evidence else "")
+    t = ans.timings_ms
+    if partial:
+        foot = "generating…" + (f" first token {t['first_token'] / 1000:.1f} s"
+                                if "first_token" in t else "")
+    else:
+        parts = [f"model <b>{html.escape(ans.model)}</b>"]
+        if "first_token" in t:
+            parts.append(f"first token {t['first_token'] / 1000:.1f} s")
+        total = t.get("wall") or t.get("total")
+        if total is not None:
+            parts.append(f"latency {total / 1000:.1f} s")
+        foot = " · ".join(parts)
+    return (f'{weak}<div class="ans" data-model="{html.escape(ans.model)}">{text}'
+            f'{"▌" if partial else ""}</div><div class="meta"><small>{foot}</small></div>')
+
+
+def notice_html(text: str) -> str:
+    return f'<div class="ans notice"><i>{html.escape(text)}</i></div>'
+
+
+def status_html(index: str, reranker: str, n: int, timings: dict, weak: bool) -> str:
+    ms = timings.get("retrieve", 0) + timings.get("rerank", 0)
+    s = (f"<small>index <b>{html.escape(index)}</b> · {n} sources · reranker "
+         f"<b>{html.escape(reranker)}</b> · retrieval {ms:.0f} ms</small>")
+    if weak:
+        s += ('<div class="weak">⚠️ Weak evidence: no source clearly matches the question, so '
+              'no answer is generated. Rephrase it or add documents in the Index tab.</div>')
+    return s
+
+
+def supporting_sentences(answers: list[Answer]) -> dict[int, set[int]]:
+    """{source number: indexes of its sentences that best support a citing answer sentence}."""
+    out: dict[int, set[int]] = {}
+    for ans in answers:
+        if ans is None or ans.weak_evidence:
+            continue
+        by_n = {s.number: _SENT.split(s.text.strip()) for s in ans.sources}
+        for sent in _SENT.split(ans.text):
+            numbers = {int(x) for x in _CITE.findall(sent)} & set(by_n)
+            claim = _CITE.sub("", sent)
+            for n in numbers:
+                scores = [support(claim, s) for s in by_n[n]]
+                best = max(range(len(scores)), key=scores.__getitem__, default=None)
+                if best is not None and scores[best] > 0:
+                    out.setdefault(n, set()).add(best)
+    return out
+
+
+def sources_html(sources: list[Source], answers: list[Answer], chars: int = 1500) -> str:
+    """Source cards: title, id, score, which answers cite it; supporting sentences marked."""
+    if not sources:
+        return "<i>No sources retrieved.</i>"
+    marks = supporting_sentences(answers)
+    cards = []
+    for s in sources:
+        by = [a.model for a in answers if a is not None and s.id in a.citations]
+        sents = _SENT.split(s.text.strip()[:chars])
+        body = " ".join(f"<mark>{html.escape(x)}</mark>" if i in marks.get(s.number, ())
+                        else html.escape(x) for i, x in enumerate(sents))
+        cited = f" · cited by {html.escape(', '.join(by))}" if by else ""
+        cards.append(
+            f'<div class="src" id="src-{s.number}"><b>[{s.number}] {html.escape(s.title)}</b> '
+            f'<small>({html.escape(s.id)} · score {s.score:.3f}{cited})</small>'
+            f'<p>{body}{"…" if len(s.text) > chars else ""}</p></div>')
+    return "\n".join(cards)
+
+
+def disclaimer_html() -> str:
+    return f'<p class="disclaimer"><small>⚕️ {html.escape(DISCLAIMER)}</small></p>'
+
+
+def rate(store: FeedbackStore, interaction: int | None, which: str, rating) -> str:
+    if interaction is None:
+        raise ValueError("ask a question first, then rate its answers")
+    row = store.rate(interaction, which.lower(), rating)
+    return (f"Saved: {which} answer rated {row[f'{which.lower()}_rating']}/5 "
+            f"(question #{row['id']}).")
+
+
+def prefer(store: FeedbackStore, interaction: int | None, choice: str) -> str:
+    if interaction is None:
+        raise ValueError("ask a question first, then pick the better answer")
+    row = store.prefer(interaction, choice.lower())
+    return f"Saved: preferred {row['preference']} (question #{row['id']})."
+
+
+def feedback_summary(store: FeedbackStore) -> str:
+    s = store.summary()
+    return (f"{s['n']} answered questions · {s['ratings']} ratings (base avg "
+            f"{s['base_avg']:.2f}, tuned avg {s['tuned_avg']:.2f}) · preferences: base "
+            f"{s['prefer_base']}, tuned {s['prefer_tuned']}")
