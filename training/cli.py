@@ -1,0 +1,186 @@
+"""`rag train ...` and the training-side `rag eval ...` commands, plugged into rag_app.cli.
+
+    rag train relevance|retriever|synthetic-queries|instruct --recipe training/recipes/X.yaml
+        [--set key=value ...] [--max-steps N] [--base-model M] [--name NAME]
+        [--output DIR] [--progress-file F] [--resume] [--activate]
+    rag eval relevance --model tuned|NAME|PATH [--recipe R] [--out results/X.json]
+    rag eval ranking --index eval --model tuned|NAME|PATH [--model ...] [--limit N]
+        [--candidates 50] [--out results/X.json]
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct")
+DEFAULT_RECIPES = {"relevance": "relevance.yaml", "retriever": "retriever.yaml",
+                   "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml"}
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (see training/recipes/)")
+    tsub = p.add_subparsers(dest="kind", required=True)
+    for kind in TRAIN_TYPES:
+        t = tsub.add_parser(kind, help=f"train: {kind}")
+        t.add_argument("--recipe", help=f"YAML recipe (default training/recipes/"
+                       f"{DEFAULT_RECIPES[kind]})")
+        t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key (repeatable)")
+        t.add_argument("--max-steps", type=int)
+        t.add_argument("--base-model", help="default | HF id | local path")
+        t.add_argument("--name", help="registry name (default <type>-<timestamp>)")
+        t.add_argument("--output", help="run folder (checkpoints, manifest); default runs/...")
+        t.add_argument("--progress-file", help="append JSON-lines progress events here")
+        t.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint in --output")
+        t.add_argument("--activate", action="store_true",
+                       help="make the trained model the active one of its kind")
+
+
+def add_eval_parsers(esub) -> None:
+    r = esub.add_parser("relevance", help="held-out relevance classification P/R/F1")
+    r.add_argument("--model", action="append", default=[],
+                   help="tuned | registered name | path (repeatable; NAME=REF to label)")
+    r.add_argument("--recipe", default="relevance.yaml", help="data settings (queries, seed)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--out", help="write JSON here (+ a .png plot)")
+    k = esub.add_parser("ranking", help="nDCG@10/MRR@10/Recall@10: hybrid vs + reranker")
+    k.add_argument("--index", default="default")
+    k.add_argument("--model", action="append", default=[],
+                   help="tuned | registered name | path (repeatable; NAME=REF to label)")
+    k.add_argument("--datasets", default="medquad-test,pubmedqa-heldout")
+    k.add_argument("--limit", type=int, default=50, help="queries per dataset")
+    k.add_argument("--candidates", type=int, default=50)
+    k.add_argument("--no-cosine", action="store_true", help="skip the bi-encoder rerank row")
+    k.add_argument("--out", help="write JSON here (+ a .png plot)")
+
+
+def resolve_model(ref: str, kind: str = "relevance") -> str:
+    from rag_app.models import ModelRegistry
+
+    reg = ModelRegistry()
+    if ref in ("tuned", "active"):
+        entry = reg.active(kind)
+        if entry is None:
+            raise ValueError(f"no active {kind} model: train one with `rag train "
+                             f"{'relevance' if kind == 'relevance' else 'retriever'} "
+                             "--activate`, or pass a registered name or a path")
+        return entry["path"]
+    if Path(ref).is_dir():
+        return ref
+    return reg.get(ref)["path"]
+
+
+def _labelled(refs: list[str], kind: str = "relevance") -> dict[str, str]:
+    out = {}
+    for ref in refs:
+        label, _, r = ref.partition("=") if "=" in ref else (ref, "", ref)
+        out[label] = resolve_model(r, kind)
+    return out
+
+
+def _train_config(args, cls):
+    from .common import load_config
+
+    recipe = args.recipe or DEFAULT_RECIPES[args.kind]
+    return load_config(cls, recipe, args.set, max_steps=args.max_steps,
+                       base_model=args.base_model, name=args.name)
+
+
+def run_train(args) -> int:
+    t = time.time()
+    if args.kind == "relevance":
+        from .relevance import RelevanceConfig, run
+    elif args.kind == "retriever":
+        from .retriever import RetrieverConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "synthetic-queries":
+        from .synthetic import SyntheticConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "instruct":
+        from .instruct import InstructConfig as RelevanceConfig, run  # noqa: N814
+    else:
+        raise ValueError(f"unknown training type {args.kind!r}: choose one of {TRAIN_TYPES}")
+    cfg = _train_config(args, RelevanceConfig)
+    res = run(cfg, output=args.output, progress_file=args.progress_file, resume=args.resume,
+              activate=args.activate)
+    m = res["manifest"]
+    print(json.dumps({"metrics_before": _brief(m.get("metrics_before", {})),
+                      "metrics_after": _brief(m.get("metrics_after", {}))}, indent=2))
+    entry = res.get("entry")
+    if entry:
+        print(f"registered {entry['kind']} model {entry['name']} -> {entry['path']}"
+              f"{' (active)' if args.activate else ' (not active: use --activate)'}")
+    print(f"run folder {res['run_dir']}  wall {time.time() - t:.0f}s")
+    return 0
+
+
+def _brief(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("train_loss_log",)}
+
+
+def print_classification(res: dict) -> None:
+    print(f"{'system':28s} {'prec':>6s} {'recall':>6s} {'F1':>6s} {'AUC':>6s} {'thresh':>7s}"
+          f"   F1@0.5")
+    for name, m in res.items():
+        if name.startswith("_"):
+            continue
+        print(f"{name:28s} {m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} "
+              f"{m['auc']:6.3f} {m['threshold']:7.3f}   {m['at_0.5']['f1']:.3f}")
+    print("counts:", res.get("_counts"))
+
+
+def print_ranking(res: dict) -> None:
+    for d, r in res["datasets"].items():
+        print(f"{d}: {r['queries']} queries, hybrid top-{res['candidates']} from index "
+              f"{res['index']} ({res['n_chunks']} chunks)")
+        print(f"  {'system':28s} {'nDCG@10':>8s} {'MRR@10':>8s} {'R@10':>8s} {'ms/q':>8s}")
+        for name, m in r["systems"].items():
+            print(f"  {name:28s} {m['ndcg@10']:8.4f} {m['mrr@10']:8.4f} {m['recall@10']:8.4f} "
+                  f"{m.get('rerank_ms_per_query', 0):8.0f}")
+
+
+def _save(out: str | None, result: dict, plot) -> None:
+    if not out:
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, default=str))
+    plot(result, str(Path(out).with_suffix(".png")))
+    print(f"saved {out} and {Path(out).with_suffix('.png')}")
+
+
+def run_eval(args) -> int:
+    if args.what == "relevance":
+        from rag_app.embed import SentenceTransformerEmbedder
+
+        from .common import load_config
+        from .relevance import (RelevanceConfig, build_pairs, classification_eval,
+                                cosine_scores, cross_scores, load_cross_encoder,
+                                plot_classification)
+        from sentence_transformers import CrossEncoder
+
+        cfg = load_config(RelevanceConfig, args.recipe, args.set)
+        emb = SentenceTransformerEmbedder(cfg.mining_embedder)
+        cache = Path("runs/.cache")
+        val, _ = build_pairs(cfg, "val", cfg.n_val_queries, emb, cache)
+        ev, _ = build_pairs(cfg, "eval", cfg.n_eval_queries, emb, cache)
+        base = load_cross_encoder(cfg.base_model, cfg.max_length, cfg.seed)
+        scorers = {"bi-encoder cosine": lambda r: cosine_scores(emb, r),
+                   "pretrained-as-classifier": lambda r: cross_scores(base, r)}
+        for label, path in _labelled(args.model).items():
+            m = CrossEncoder(path, device="cpu")
+            scorers[label] = lambda r, m=m: cross_scores(m, r)
+        res = classification_eval(scorers, val, ev)
+        print_classification(res)
+        _save(args.out, res, plot_classification)
+        return 0
+    if args.what == "ranking":
+        from .relevance import plot_ranking, ranking_eval
+
+        rr: dict = {} if args.no_cosine else {"hybrid + bi-encoder rerank": None}
+        rr |= {f"hybrid + {k}": v for k, v in _labelled(args.model).items()}
+        res = ranking_eval(args.index, rr, tuple(d.strip() for d in args.datasets.split(",")),
+                           args.limit, args.candidates)
+        print_ranking(res)
+        _save(args.out, res, plot_ranking)
+        return 0
+    raise ValueError(f"unknown evaluation {args.what!r}")

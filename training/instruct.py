@@ -1,0 +1,205 @@
+"""Instruction tuning of the generator: LoRA (peft) + TRL's SFTTrainer on RAFT-style examples.
+
+Read top to bottom: config -> base model -> examples rendered with THE serving prompt
+(training/data.py) -> paraphrases (augment.py) -> order (sampling.py) -> SFTTrainer with
+prompt/completion columns and completion_only_loss (only the answer + EOS is supervised)
+-> eval loss before/after on validation examples -> adapter saved with its manifest and
+registered as a "generator" in the ModelRegistry (`rag ask --model tuned` after --activate).
+
+    rag train instruct --recipe training/recipes/instruct.yaml [--set k=v] [--output DIR]
+        [--progress-file F] [--resume] [--activate]
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import (ProgressCallback, RunManifest, TrainConfig, resume_checkpoint, run_dir,
+                     save_and_register, set_seed, trainer_args_common)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InstructConfig(TrainConfig):
+    base_model: str = "default"  # default/base = packaged SmolLM2-135M-Instruct; HF id; path
+    sources: str = "pubmedqa,medquad"
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    max_length: int = 512  # prompt + completion tokens (examples are built to fit)
+    # data (training/data.py: instruction_examples)
+    n_examples: int = 400
+    n_val_examples: int = 16  # from the validation slice of the TRAINING groups
+    pubmedqa_share: float = 0.5
+    n_sources: int = 3  # passages per prompt (gold + distractors)
+    max_gold: int = 2  # gold PubMedQA sections per prompt
+    p_no_answer: float = 0.15  # share of examples without the gold passage -> NO_ANSWER
+    max_prompt_tokens: int = 400  # same truncation as GenerationConfig.max_prompt_tokens
+    answer_words: int = 60
+    # augmentation (augment.py) and ordering (sampling.py)
+    augment_ratio: float = 0.3
+    augment_mode: str = "replace"  # replace | add
+    sampling: str = "random"  # random | curriculum | hard
+    difficulty: str = "heuristic"  # heuristic | loss (base-model loss: one forward/example)
+    hard_power: float = 1.0
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_layers: int = 0  # LoRA on the last N decoder layers only (0 = all): backward stops
+    # there, so a step costs little more than a forward pass (CPU budgets)
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # saves memory, costs one more forward per step
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_prompt_tokens + 24 > self.max_length:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} leaves no room for the "
+                             f"answer within max_length={self.max_length}: lower it")
+        if self.difficulty not in ("heuristic", "loss"):
+            raise ValueError(f"difficulty={self.difficulty!r} is invalid: use heuristic or loss")
+        if self.n_examples < 1 or self.lora_r < 1:
+            raise ValueError("n_examples and lora_r must be >= 1")
+
+
+def resolve_base_generator(model: str) -> str:
+    """default/base -> the converted packaged checkpoint; else a local folder or a HF id."""
+    from rag_app.generate import ensure_base_checkpoint, resolve_generator_path
+
+    if model in ("default", "base"):
+        return str(ensure_base_checkpoint())
+    return resolve_generator_path(model)
+
+
+def load_base(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def build_examples(cfg: InstructConfig, tokenizer, split: str = "train", n: int | None = None,
+                   augment: bool = True) -> list:
+    """Examples of `split`, each fitting max_length (the answer is cut, never the EOS)."""
+    from .augment import augment_examples
+    from .data import instruction_examples
+
+    n = cfg.n_examples if n is None else n
+    exs = instruction_examples(tokenizer, n, split, cfg.source_list, cfg.pubmedqa_share,
+                               cfg.n_sources, cfg.max_gold, cfg.p_no_answer,
+                               cfg.max_prompt_tokens, cfg.answer_words,
+                               cfg.seed + (0 if split == "train" else 1))
+    if augment and cfg.augment_ratio > 0:
+        exs = augment_examples(exs, tokenizer, cfg.augment_ratio, cfg.max_prompt_tokens,
+                               cfg.seed, mode=cfg.augment_mode)
+    for e in exs:
+        room = cfg.max_length - e.prompt_tokens - 1
+        ids = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
+        if len(ids) > room:
+            e.answer = tokenizer.decode(ids[:max(room, 1)]).rstrip()
+            e.completion = e.answer + tokenizer.eos_token
+    return exs
+
+
+def to_dataset(examples: list):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [e.prompt for e in examples],
+                              "completion": [e.completion for e in examples]})
+
+
+def lora_config(cfg: InstructConfig, n_layers: int | None = None):
+    from peft import LoraConfig
+
+    layers = None
+    if cfg.lora_layers and n_layers:
+        layers = list(range(max(n_layers - cfg.lora_layers, 0), n_layers))
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=[m.strip() for m in cfg.target_modules.split(",") if m],
+                      layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+
+
+def make_trainer(cfg: InstructConfig, model, tokenizer, train_examples: list,
+                 val_examples: list, output: Path, progress: ProgressCallback):
+    from trl import SFTConfig, SFTTrainer
+
+    args = trainer_args_common(cfg, output, bool(val_examples))
+    args.update(eval_strategy="no", eval_steps=None, per_device_eval_batch_size=cfg.batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                train_sampling_strategy="sequential",  # sampling.py already fixed the order
+                gradient_checkpointing=cfg.gradient_checkpointing)
+    sft = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True,
+                    packing=False, dataset_num_proc=None)
+    return SFTTrainer(model=model, args=sft, processing_class=tokenizer,
+                      train_dataset=to_dataset(train_examples),
+                      eval_dataset=to_dataset(val_examples) if val_examples else None,
+                      peft_config=lora_config(cfg, getattr(model.config, "num_hidden_layers", None)),
+                      callbacks=[progress])
+
+
+def prompt_fingerprint() -> dict:
+    from rag_app import prompts
+
+    text = prompts.SYSTEM_PROMPT + "\n" + prompts.ANSWER_INSTRUCTION + "\n" + prompts.NO_ANSWER
+    return {"module": "rag_app.prompts", "sha1": hashlib.sha1(text.encode()).hexdigest()[:12]}
+
+
+def run(cfg: InstructConfig, output: str | None = None, progress_file: str | None = None,
+        resume: bool = False, activate: bool = False) -> dict:
+    """The whole run: examples -> eval loss before -> train -> eval loss after -> save adapter
+    + manifest -> register as a generator (active only with activate=True)."""
+    from .data import describe_instructions
+    from .sampling import base_model_losses, order_examples
+
+    t0 = time.time()
+    set_seed(cfg.seed)
+    out = run_dir("instruct", output)
+    progress = ProgressCallback(progress_file)
+    last = resume_checkpoint(out, resume)  # fail fast: --resume without a checkpoint
+    try:
+        base = resolve_base_generator(cfg.base_model)
+        model, tokenizer = load_base(base)
+        train = build_examples(cfg, tokenizer, "train")
+        val = build_examples(cfg, tokenizer, "val", cfg.n_val_examples, augment=False) \
+            if cfg.n_val_examples else []
+        losses = base_model_losses(model, tokenizer, train, cfg.max_length) \
+            if cfg.difficulty == "loss" else None
+        train = order_examples(train, cfg.sampling, cfg.seed, losses, cfg.hard_power)
+        manifest = RunManifest("instruct", base, asdict(cfg), cfg.seed,
+                               data={"train": describe_instructions(train),
+                                     "val": describe_instructions(val),
+                                     "sampling": cfg.sampling, "prompt": prompt_fingerprint(),
+                                     "excluded": "pubmedqa_heldout_pmids, medquad_test_titles"})
+        set_seed(cfg.seed)  # LoRA init independent of the data-building path
+        trainer = make_trainer(cfg, model, tokenizer, train, val, out, progress)
+        if val:
+            manifest.metrics_before = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        trainer.train(resume_from_checkpoint=last)
+        after = {"eval_loss": trainer.evaluate()["eval_loss"]} if val else {}
+        first = progress.losses[0][1] if progress.losses else None
+        final = progress.losses[-1][1] if progress.losses else None
+        manifest.metrics_after = after | {"train_loss_first": first, "train_loss_last": final,
+                                          "train_loss_log": progress.losses}
+        manifest.train_log = trainer.state.log_history
+        manifest.wall_time_s = round(time.time() - t0, 1)
+        summary = {k: v for k, v in manifest.metrics_after.items() if k != "train_loss_log"}
+        if manifest.metrics_before:
+            summary["base_eval_loss"] = manifest.metrics_before["eval_loss"]
+        entry = save_and_register(trainer.model, "generator", "instruct", manifest, cfg.name,
+                                  activate)
+        manifest.write(out)
+        progress.done(entry["path"], summary, trainer.state.global_step, trainer.state.max_steps)
+        return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out),
+                "examples": train, "model": trainer.model, "tokenizer": tokenizer}
+    except Exception as e:
+        progress.error(f"{type(e).__name__}: {e}")
+        raise

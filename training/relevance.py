@@ -1,0 +1,319 @@
+"""Relevance classifier: a cross-encoder (question, passage) -> P(relevant), trained with
+sentence-transformers' CrossEncoderTrainer + BinaryCrossEntropyLoss, registered as kind
+"relevance" (rag_app/rerank.py scores with it: model.predict probability, weak below 0.5).
+
+Evaluation (rag_app-side metrics, held-out data only):
+- classification: P/R/F1 on pairs of the held-out titles/pmids, at a threshold chosen on a
+  VALIDATION split of the training groups; for the bi-encoder cosine (the honest base), the
+  untrained head ("pretrained-as-classifier") and the fine-tuned model.
+- ranking: nDCG@10 / MRR@10 / Recall@10 of the hybrid top-50 vs the same reranked by the model,
+  on medquad-test and the PubMedQA held-out fold (see ranking_eval).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
+                     resume_checkpoint, run_dir, save_and_register, set_seed,
+                     trainer_args_common)
+from .data import PairSet, describe_pairs, load_split, mine_negatives, relevance_pairs, \
+    sample_queries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RelevanceConfig(TrainConfig):
+    max_positives: int = 2  # positive passages per query (PubMedQA has ~3)
+    pos_weight: float = 0.0  # BCE pos_weight; 0 = n_negatives / n_positives
+    mining_embedder: str = "default"  # bi-encoder used to mine hard negatives
+
+
+# ---------- data ----------
+def build_pairs(cfg: TrainConfig, split: str, n_queries: int, embedder, cache_dir: Path | None,
+                queries_override: PairSet | None = None) -> tuple[list[dict], PairSet]:
+    ps = queries_override or sample_queries(load_split(split, cfg.source_list), n_queries,
+                                            cfg.seed)
+    mined = mine_negatives(ps, embedder, cfg.n_hard, cfg.n_random, cfg.mine_top,
+                           cfg.mine_pool, cfg.seed, cache_dir, cfg.mine_words)
+    return relevance_pairs(ps, mined, getattr(cfg, "max_positives", 2)), ps
+
+
+# ---------- scoring ----------
+def cross_scores(model, rows: list[dict], batch_size: int = 32) -> np.ndarray:
+    if not rows:
+        return np.zeros(0, dtype=np.float32)
+    return np.asarray(model.predict([(r["query"], r["passage"]) for r in rows],
+                                    batch_size=batch_size, show_progress_bar=False),
+                      dtype=np.float32).reshape(-1)
+
+
+def cosine_scores(embedder, rows: list[dict]) -> np.ndarray:
+    """The bi-encoder's relevance score: cosine(question, passage text)."""
+    if not rows:
+        return np.zeros(0, dtype=np.float32)
+    q = embedder.encode([r["query"] for r in rows])
+    p = embedder.encode([r["passage"].split("\n", 1)[-1] for r in rows])
+    return (q * p).sum(1)
+
+
+def bce(scores: np.ndarray, labels: np.ndarray) -> float:
+    p = np.clip(scores, 1e-6, 1 - 1e-6)
+    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+
+
+def prf(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    pred = scores >= threshold
+    tp = float((pred & (labels > 0.5)).sum())
+    p = tp / max(pred.sum(), 1)
+    r = tp / max((labels > 0.5).sum(), 1)
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f1, "threshold": float(threshold),
+            "accuracy": float((pred == (labels > 0.5)).mean())}
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold that maximises F1 on the given (validation) scores."""
+    cands = np.unique(scores)
+    if len(cands) > 400:
+        cands = np.quantile(scores, np.linspace(0, 1, 401))
+    best = max(cands, key=lambda t: (prf(scores, labels, t)["f1"], -abs(t - 0.5)))
+    return float(best)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else 0.0
+
+
+def classification_eval(scorers: dict, val_rows: list[dict], eval_rows: list[dict]) -> dict:
+    """For each scorer (name -> fn(rows) -> scores): threshold chosen on val_rows, P/R/F1/AUC
+    on eval_rows (and P/R/F1 at 0.5, the threshold the app uses for a classifier)."""
+    yv = np.array([r["label"] for r in val_rows])
+    ye = np.array([r["label"] for r in eval_rows])
+    out = {}
+    for name, fn in scorers.items():
+        sv, se = fn(val_rows), fn(eval_rows)
+        t = choose_threshold(sv, yv)
+        out[name] = prf(se, ye, t) | {"auc": auc(se, ye), "at_0.5": prf(se, ye, 0.5)}
+    out["_counts"] = {"val_pairs": len(val_rows), "eval_pairs": len(eval_rows),
+                      "eval_positives": int(ye.sum())}
+    return out
+
+
+# ---------- training ----------
+def load_cross_encoder(base: str, max_length: int, seed: int):
+    from sentence_transformers import CrossEncoder
+
+    set_seed(seed)  # the new head's initialisation
+    return CrossEncoder(resolve_base(base), num_labels=1, max_length=max_length, device="cpu")
+
+
+def train_cross_encoder(cfg: RelevanceConfig, train_rows: list[dict], val_rows: list[dict],
+                        output: Path, progress: ProgressCallback, resume: bool = False):
+    """CrossEncoderTrainer + BinaryCrossEntropyLoss; returns (model, trainer)."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import (CrossEncoderTrainer,
+                                                     CrossEncoderTrainingArguments)
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderClassificationEvaluator
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    model = load_cross_encoder(cfg.base_model, cfg.max_length, cfg.seed)
+    cols = lambda rows: Dataset.from_dict({"query": [r["query"] for r in rows],  # noqa: E731
+                                           "passage": [r["passage"] for r in rows],
+                                           "label": [float(r["label"]) for r in rows]})
+    n_pos = sum(r["label"] > 0.5 for r in train_rows)
+    pw = cfg.pos_weight or (len(train_rows) - n_pos) / max(n_pos, 1)
+    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(pw)))
+    evaluator = CrossEncoderClassificationEvaluator(
+        [[r["query"], r["passage"]] for r in val_rows], [int(r["label"]) for r in val_rows],
+        name="val", write_csv=False) if val_rows else None
+    args = CrossEncoderTrainingArguments(**trainer_args_common(cfg, output, bool(val_rows)))
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=cols(train_rows),
+                                  loss=loss, evaluator=evaluator, callbacks=[progress])
+    trainer.train(resume_from_checkpoint=resume_checkpoint(output, resume))
+    return model, trainer
+
+
+def run(cfg: RelevanceConfig, output: str | None = None, progress_file: str | None = None,
+        resume: bool = False, activate: bool = False, train_rows: list[dict] | None = None,
+        data_note: dict | None = None, embedder=None) -> dict:
+    """The whole run: data -> metrics before -> train -> metrics after -> save + register.
+    `train_rows` replaces the built training pairs (synthetic.py trains on synthetic ones)."""
+    from rag_app.embed import SentenceTransformerEmbedder
+
+    t0 = time.time()
+    set_seed(cfg.seed)
+    out = run_dir("relevance", output)
+    progress = ProgressCallback(progress_file)
+    resume_checkpoint(out, resume)  # fail fast: --resume without a checkpoint
+    try:
+        emb = embedder or SentenceTransformerEmbedder(getattr(cfg, "mining_embedder", "default"))
+        cache = out.parent / ".cache"
+        if train_rows is None:
+            train_rows, _ = build_pairs(cfg, "train", cfg.n_queries, emb, cache)
+        val_rows, _ = build_pairs(cfg, "val", cfg.n_val_queries, emb, cache)
+        eval_rows, _ = build_pairs(cfg, "eval", cfg.n_eval_queries, emb, cache)
+        manifest = RunManifest("relevance", resolve_base(cfg.base_model), asdict(cfg), cfg.seed,
+                               data={"train": describe_pairs(train_rows),
+                                     "val": describe_pairs(val_rows),
+                                     "eval": describe_pairs(eval_rows),
+                                     "note": data_note or {"sources": cfg.source_list},
+                                     "excluded": "medquad_test_titles, "
+                                                 "pubmedqa_heldout_pmids (eval only)"})
+        base_ce = load_cross_encoder(cfg.base_model, cfg.max_length, cfg.seed)
+        before = classification_eval({"bi-encoder cosine": lambda r: cosine_scores(emb, r),
+                                      "pretrained-as-classifier":
+                                          lambda r: cross_scores(base_ce, r)},
+                                     val_rows, eval_rows)
+        del base_ce
+        manifest.metrics_before = before
+        model, trainer = train_cross_encoder(cfg, train_rows, val_rows, out, progress, resume)
+        after = classification_eval({"fine-tuned": lambda r: cross_scores(model, r)},
+                                    val_rows, eval_rows)
+        yt = np.array([r["label"] for r in train_rows[:512]])
+        manifest.metrics_after = after | {"train_loss_log": progress.losses,
+                                          "train_bce_sample": bce(cross_scores(
+                                              model, train_rows[:512]), yt)}
+        manifest.train_log = trainer.state.log_history
+        manifest.wall_time_s = round(time.time() - t0, 1)
+        metrics = {"f1": after["fine-tuned"]["f1"], "precision": after["fine-tuned"]["precision"],
+                   "recall": after["fine-tuned"]["recall"], "auc": after["fine-tuned"]["auc"],
+                   "threshold": after["fine-tuned"]["threshold"],
+                   "base_cosine_f1": before["bi-encoder cosine"]["f1"]}
+        manifest.metrics_after["summary"] = metrics
+        entry = save_and_register(model, "relevance", "relevance", manifest, cfg.name, activate)
+        manifest.write(out)
+        progress.done(entry["path"], metrics, trainer.state.global_step, trainer.state.max_steps)
+        return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out),
+                "model": model}
+    except Exception as e:
+        progress.error(f"{type(e).__name__}: {e}")
+        raise
+
+
+# ---------- ranking eval ----------
+RANKING_DATASETS = ("medquad-test", "pubmedqa-heldout")
+
+
+def ranking_queries(dataset: str, index, limit: int | None):
+    """Held-out queries whose relevant passages are all in the index (a modest eval index
+    holds only some held-out titles), sorted by id, the first `limit`."""
+    from rag_app.datasets import RetrievalDataset, load_retrieval_dataset
+
+    if dataset == "medquad-test":
+        ds = load_retrieval_dataset("medquad-test")
+    elif dataset == "pubmedqa-heldout":
+        from rag_app.datasets import pubmedqa_heldout_pmids
+
+        full, held = load_retrieval_dataset("pubmedqa-trainval"), pubmedqa_heldout_pmids()
+        ds = RetrievalDataset("pubmedqa-heldout", {q: t for q, t in full.queries.items()
+                                                   if q in held},
+                              {q: r for q, r in full.qrels.items() if q in held})
+    else:
+        raise ValueError(f"ranking dataset {dataset!r} is invalid: choose from "
+                         f"{RANKING_DATASETS}")
+    docs = {c.doc_id for c in index.chunks}
+    ids = sorted(q for q, rel in ds.qrels.items() if rel <= docs)
+    if not ids:
+        raise ValueError(f"index has none of the {dataset} passages: build an eval index with "
+                         "`rag eval ranking --build-index` or pass --index default")
+    ids = ids[:limit] if limit else ids
+    return RetrievalDataset(ds.name, {q: ds.queries[q] for q in ids},
+                            {q: ds.qrels[q] for q in ids})
+
+
+def ranking_eval(index_name: str, rerankers: dict[str, str | None],
+                 datasets: tuple[str, ...] = RANKING_DATASETS, limit: int | None = 50,
+                 candidates: int = 50) -> dict:
+    """nDCG@10 / MRR@10 / Recall@10 of the hybrid top-`candidates` ("hybrid"), and of the same
+    candidates reranked by each entry of `rerankers` (name -> cross-encoder path, or None for
+    the bi-encoder cosine the app uses without a trained model)."""
+    from tqdm.auto import tqdm
+
+    from rag_app.config import RetrievalConfig
+    from rag_app.evaluate import dedupe_docs, retrieval_metrics
+    from rag_app.pipeline import RagPipeline
+    from rag_app.rerank import Reranker
+
+    pipe = RagPipeline(index_name, retrieval=RetrievalConfig(candidates=candidates),
+                       reranker=None, build_if_missing=False)
+    index, emb = pipe.index, pipe.embedder
+    rr = {name: Reranker(index, emb, ref) for name, ref in rerankers.items()}
+    out = {"index": index_name, "n_chunks": len(index), "candidates": candidates,
+           "datasets": {}}
+    for dname in datasets:
+        ds = ranking_queries(dname, index, limit)
+        runs: dict[str, dict[str, list[str]]] = {"hybrid": {}} | {n: {} for n in rr}
+        secs = {n: 0.0 for n in rr}
+        for qid, q in tqdm(list(ds.queries.items()), desc=f"ranking {dname}", unit="q"):
+            qvec = emb.encode([q])
+            cands = pipe.retriever.search_batch([q], candidates, mode="hybrid",
+                                                query_vecs=qvec)[0]
+            runs["hybrid"][qid] = dedupe_docs([c.doc_id for c in cands], 100)
+            for name, r in rr.items():
+                t = time.perf_counter()
+                ranked = r.rerank(q, cands, len(cands), query_vec=qvec[0])
+                secs[name] += time.perf_counter() - t
+                runs[name][qid] = dedupe_docs([c.doc_id for c in ranked], 100)
+        res = {}
+        for name, run_ in runs.items():
+            m = retrieval_metrics(run_, ds.qrels)
+            res[name] = {k: m[k] for k in ("ndcg@10", "mrr@10", "recall@10")}
+            if name in secs:
+                res[name]["rerank_ms_per_query"] = 1000 * secs[name] / max(len(ds.queries), 1)
+        out["datasets"][dname] = {"queries": len(ds.queries), "systems": res}
+    return out
+
+
+def plot_ranking(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dsets = list(result["datasets"])
+    fig, axes = plt.subplots(1, len(dsets), figsize=(5.5 * len(dsets), 3.6), squeeze=False)
+    metrics = ["ndcg@10", "mrr@10", "recall@10"]
+    for ax, d in zip(axes[0], dsets):
+        systems = result["datasets"][d]["systems"]
+        w = 0.8 / len(systems)
+        for i, (name, m) in enumerate(systems.items()):
+            ax.bar([j + i * w for j in range(len(metrics))], [m[k] for k in metrics], w,
+                   label=name)
+        ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(len(metrics))], metrics)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{d} ({result['datasets'][d]['queries']} q, top-{result['candidates']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_classification(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = {k: v for k, v in result.items() if not k.startswith("_")}
+    metrics = ["precision", "recall", "f1", "auc"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    w = 0.8 / max(len(systems), 1)
+    for i, (name, m) in enumerate(systems.items()):
+        ax.bar([j + i * w for j in range(len(metrics))], [m[k] for k in metrics], w, label=name)
+    ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(len(metrics))], metrics)
+    ax.set_ylim(0, 1)
+    c = result.get("_counts", {})
+    ax.set_title(f"relevance classification ({c.get('eval_pairs')} held-out pairs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
