@@ -46,3 +46,21 @@ def small_index(embedder, _isolated_dirs):
                                 progress=False)
     assert not report.skipped
     return index
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The generator's tokenizer (the packaged SmolLM2, converted once)."""
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+
+    return AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(tokenizer):
+    """24 instruction examples rendered with the serving prompt (training/data.py)."""
+    from training.data import instruction_examples
+
+    return instruction_examples(tokenizer, 24, n_sources=2, max_prompt_tokens=240, seed=0)

@@ -8,22 +8,6 @@ from training.augment import (EVAL_INSTRUCTIONS, EVAL_QUESTION_TEMPLATES, TRAIN_
                               clean_question, paraphrase_question, with_instruction)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from rag_app.generate import ensure_base_checkpoint
-
-    return AutoTokenizer.from_pretrained(ensure_base_checkpoint())
-
-
-@pytest.fixture(scope="module")
-def tiny_examples(tokenizer):
-    from training.data import instruction_examples
-
-    return instruction_examples(tokenizer, 24, n_sources=2, max_prompt_tokens=240, seed=0)
-
-
 def test_eval_phrasings_disjoint_from_training():
     check_disjoint()
     assert len(EVAL_INSTRUCTIONS) == 5

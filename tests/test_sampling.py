@@ -7,22 +7,6 @@ import pytest
 from training.sampling import heuristic_difficulty, order_examples
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from rag_app.generate import ensure_base_checkpoint
-
-    return AutoTokenizer.from_pretrained(ensure_base_checkpoint())
-
-
-@pytest.fixture(scope="module")
-def tiny_examples(tokenizer):
-    from training.data import instruction_examples
-
-    return instruction_examples(tokenizer, 24, n_sources=2, max_prompt_tokens=240, seed=0)
-
-
 def test_curriculum_is_monotone(tiny_examples):
     ordered = order_examples(list(tiny_examples), "curriculum", seed=3)
     d = [e.difficulty for e in ordered]
