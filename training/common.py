@@ -300,6 +300,18 @@ def save_and_register(model, kind: str, training_type: str, manifest: RunManifes
                                     activate=activate)
 
 
+def finish_run(model, trainer, progress, manifest: RunManifest, kind: str, training_type: str,
+               cfg: TrainConfig, activate: bool, out: Path, t0: float, metrics: dict) -> dict:
+    """The shared end of every training run: training log and wall time into the manifest,
+    save + register the model, write the manifest into the run folder, emit "done"."""
+    manifest.train_log = trainer.state.log_history
+    manifest.wall_time_s = round(time.time() - t0, 1)
+    entry = save_and_register(model, kind, training_type, manifest, cfg.name, activate)
+    manifest.write(out)
+    progress.done(entry["path"], metrics, trainer.state.global_step, trainer.state.max_steps)
+    return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out), "model": model}
+
+
 def resolve_base(model: str) -> str:
     from rag_app.embed import resolve_embedder_path
 

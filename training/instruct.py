@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .common import (ProgressCallback, RunManifest, TrainConfig, resume_checkpoint, run_dir,
-                     save_and_register, set_seed, trainer_args_common)
+from .common import (ProgressCallback, RunManifest, TrainConfig, finish_run, resume_checkpoint,
+                     run_dir, set_seed, trainer_args_common)
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +189,12 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
         final = progress.losses[-1][1] if progress.losses else None
         manifest.metrics_after = after | {"train_loss_first": first, "train_loss_last": final,
                                           "train_loss_log": progress.losses}
-        manifest.train_log = trainer.state.log_history
-        manifest.wall_time_s = round(time.time() - t0, 1)
         summary = {k: v for k, v in manifest.metrics_after.items() if k != "train_loss_log"}
         if manifest.metrics_before:
             summary["base_eval_loss"] = manifest.metrics_before["eval_loss"]
-        entry = save_and_register(trainer.model, "generator", "instruct", manifest, cfg.name,
-                                  activate)
-        manifest.write(out)
-        progress.done(entry["path"], summary, trainer.state.global_step, trainer.state.max_steps)
-        return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out),
-                "examples": train, "model": trainer.model, "tokenizer": tokenizer}
+        return finish_run(trainer.model, trainer, progress, manifest, "generator", "instruct",
+                          cfg, activate, out, t0, summary) | {"examples": train,
+                                                               "tokenizer": tokenizer}
     except Exception as e:
         progress.error(f"{type(e).__name__}: {e}")
         raise

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
-                     resume_checkpoint, run_dir, save_and_register, set_seed,
+                     finish_run, resume_checkpoint, run_dir, set_seed,
                      trainer_args_common)
 from .data import PairSet, describe_pairs, load_split, mine_negatives, relevance_pairs, \
     sample_queries
@@ -182,18 +182,13 @@ def run(cfg: RelevanceConfig, output: str | None = None, progress_file: str | No
         manifest.metrics_after = after | {"train_loss_log": progress.losses,
                                           "train_bce_sample": bce(cross_scores(
                                               model, train_rows[:512]), yt)}
-        manifest.train_log = trainer.state.log_history
-        manifest.wall_time_s = round(time.time() - t0, 1)
         metrics = {"f1": after["fine-tuned"]["f1"], "precision": after["fine-tuned"]["precision"],
                    "recall": after["fine-tuned"]["recall"], "auc": after["fine-tuned"]["auc"],
                    "threshold": after["fine-tuned"]["threshold"],
                    "base_cosine_f1": before["bi-encoder cosine"]["f1"]}
         manifest.metrics_after["summary"] = metrics
-        entry = save_and_register(model, "relevance", "relevance", manifest, cfg.name, activate)
-        manifest.write(out)
-        progress.done(entry["path"], metrics, trainer.state.global_step, trainer.state.max_steps)
-        return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out),
-                "model": model}
+        return finish_run(model, trainer, progress, manifest, "relevance", "relevance", cfg,
+                          activate, out, t0, metrics)
     except Exception as e:
         progress.error(f"{type(e).__name__}: {e}")
         raise

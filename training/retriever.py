@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
-                     resume_checkpoint, run_dir, save_and_register, set_seed,
+                     finish_run, resume_checkpoint, run_dir, set_seed,
                      trainer_args_common)
 from .data import PairSet, load_split, mine_negatives, retriever_triplets, sample_queries
 
@@ -99,15 +99,10 @@ def run(cfg: RetrieverConfig, output: str | None = None, progress_file: str | No
         trainer.train(resume_from_checkpoint=resume_checkpoint(out, resume))
         manifest.metrics_after = {"val": _short(ev_val(model)), "heldout": _short(ev_held(model)),
                                   "train_loss_log": progress.losses}
-        manifest.train_log = trainer.state.log_history
-        manifest.wall_time_s = round(time.time() - t0, 1)
         model.max_seq_length = serve_len  # the index chunks to the serving window
         metrics = {"heldout_" + k: v for k, v in manifest.metrics_after["heldout"].items()}
-        entry = save_and_register(model, "embedder", "retriever", manifest, cfg.name, activate)
-        manifest.write(out)
-        progress.done(entry["path"], metrics, trainer.state.global_step, trainer.state.max_steps)
-        return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out),
-                "model": model}
+        return finish_run(model, trainer, progress, manifest, "embedder", "retriever", cfg,
+                          activate, out, t0, metrics)
     except Exception as e:
         progress.error(f"{type(e).__name__}: {e}")
         raise
