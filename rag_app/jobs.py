@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from .config import REPO_ROOT, models_dir
@@ -188,7 +189,8 @@ class JobRunner:
             if current and current["status"] in ACTIVE:
                 raise ValueError(f"job {current['id']} ({current['kind']}) is still running: "
                                  "wait for it or cancel it first (one job at a time)")
-            job_id = time.strftime("%Y%m%d-%H%M%S")
+            # unique even for two jobs in the same second (the output folder is named after it)
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
             folder = self.root / job_id
             folder.mkdir(parents=True, exist_ok=True)
             output = models_dir() / f"{kind}-{job_id}"
