@@ -300,6 +300,17 @@ def save_and_register(model, kind: str, training_type: str, manifest: RunManifes
                                     activate=activate)
 
 
+def start_run(training_type: str, cfg: TrainConfig, output: str | None,
+              progress_file: str | None, resume: bool):
+    """The shared start of every training run: seed, run folder, progress callback, and the
+    checkpoint to resume from (fails fast on --resume without one).
+    Returns (t0, run folder, progress callback, checkpoint or None)."""
+    t0 = time.time()
+    set_seed(cfg.seed)
+    out = run_dir(training_type, output)
+    return t0, out, ProgressCallback(progress_file), resume_checkpoint(out, resume)
+
+
 def finish_run(model, trainer, progress, manifest: RunManifest, kind: str, training_type: str,
                cfg: TrainConfig, activate: bool, out: Path, t0: float, metrics: dict) -> dict:
     """The shared end of every training run: training log and wall time into the manifest,

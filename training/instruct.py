@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .common import (ProgressCallback, RunManifest, TrainConfig, finish_run, resume_checkpoint,
-                     run_dir, set_seed, trainer_args_common)
+from .common import (ProgressCallback, RunManifest, TrainConfig, finish_run, set_seed,
+                     start_run, trainer_args_common)
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +159,7 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
     from .data import describe_instructions
     from .sampling import base_model_losses, order_examples
 
-    t0 = time.time()
-    set_seed(cfg.seed)
-    out = run_dir("instruct", output)
-    progress = ProgressCallback(progress_file)
-    last = resume_checkpoint(out, resume)  # fail fast: --resume without a checkpoint
+    t0, out, progress, last = start_run("instruct", cfg, output, progress_file, resume)
     try:
         base = resolve_base_generator(cfg.base_model)
         model, tokenizer = load_base(base)

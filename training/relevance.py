@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
-                     finish_run, resume_checkpoint, run_dir, set_seed,
+                     finish_run, resume_checkpoint, set_seed, start_run,
                      trainer_args_common)
 from .data import PairSet, describe_pairs, load_split, mine_negatives, relevance_pairs, \
     sample_queries
@@ -149,11 +149,7 @@ def run(cfg: RelevanceConfig, output: str | None = None, progress_file: str | No
     `train_rows` replaces the built training pairs (synthetic.py trains on synthetic ones)."""
     from rag_app.embed import SentenceTransformerEmbedder
 
-    t0 = time.time()
-    set_seed(cfg.seed)
-    out = run_dir("relevance", output)
-    progress = ProgressCallback(progress_file)
-    resume_checkpoint(out, resume)  # fail fast: --resume without a checkpoint
+    t0, out, progress, _ = start_run("relevance", cfg, output, progress_file, resume)
     try:
         emb = embedder or SentenceTransformerEmbedder(getattr(cfg, "mining_embedder", "default"))
         cache = out.parent / ".cache"

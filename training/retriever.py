@@ -8,12 +8,10 @@ A new embedder means a new index: the index records the embedder's weight hash a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
-from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
-                     finish_run, resume_checkpoint, run_dir, set_seed,
-                     trainer_args_common)
+from .common import (RunManifest, TrainConfig, resolve_base, finish_run, resume_checkpoint,
+                     start_run, trainer_args_common)
 from .data import PairSet, load_split, mine_negatives, retriever_triplets, sample_queries
 
 
@@ -61,11 +59,7 @@ def run(cfg: RetrieverConfig, output: str | None = None, progress_file: str | No
 
     from rag_app.embed import SentenceTransformerEmbedder
 
-    t0 = time.time()
-    set_seed(cfg.seed)
-    out = run_dir("retriever", output)
-    progress = ProgressCallback(progress_file)
-    resume_checkpoint(out, resume)  # fail fast: --resume without a checkpoint
+    t0, out, progress, _ = start_run("retriever", cfg, output, progress_file, resume)
     try:
         emb = embedder or SentenceTransformerEmbedder(cfg.mining_embedder)
         train = sample_queries(load_split("train", cfg.source_list), cfg.n_queries, cfg.seed)
