@@ -1,4 +1,4 @@
-"""`rag` console script: index | ask | eval."""
+"""`rag` console script: index | ask | eval | model (| train)."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,23 @@ def _add_ask(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--questions", help="jsonl of {id, question}: batch mode")
     p.add_argument("--out", help="batch output jsonl (with --questions)")
+    p.add_argument("--compare", action="store_true", help="retrieve once, answer with the base "
+                   "model and the tuned one (--model, default: the active generator)")
+
+
+def _add_model(sub) -> None:
+    p = sub.add_parser("model", help="list, activate, roll back and merge registered models")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="list the registered models (* = active)")
+    a = msub.add_parser("activate", help="make NAME the active model of its kind")
+    a.add_argument("name")
+    r = msub.add_parser("rollback", help="re-activate the previous model of KIND")
+    r.add_argument("kind", choices=["generator", "relevance", "embedder"])
+    m = msub.add_parser("merge", help="merge a LoRA generator into a standalone checkpoint")
+    m.add_argument("name", help="registered adapter name, or tuned (the active generator)")
+    m.add_argument("--out", help="output folder (default <models_dir>/generator/NAME-merged)")
+    m.add_argument("--register", dest="new_name", help="registry name (default NAME-merged)")
+    m.add_argument("--activate", action="store_true", help="make the merged model active")
 
 
 def _add_eval(sub) -> None:
@@ -84,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_cmds(sub)
     _add_ask(sub)
     esub = _add_eval(sub)
+    _add_model(sub)
     try:  # the fine-tuning side plugs its commands in (training/cli.py)
         from training.cli import add_eval_parsers, add_train_parser
     except ImportError:
@@ -145,11 +163,54 @@ def _print_answer(ans) -> None:
     print("Not medical advice: for decisions about your health, consult a clinician.")
 
 
+def _final(answers):
+    """The last (final) Answer of a RagPipeline.stream()."""
+    final = None
+    for final in answers:
+        pass
+    return final
+
+
+def ask_compare(args) -> int:
+    """Retrieve once; answer with the base model and the tuned one on the same sources."""
+    from .config import GenerationConfig, RetrievalConfig
+    from .pipeline import RagPipeline
+
+    tuned_ref = "tuned" if args.model in ("base", "default") else args.model
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    ret = RetrievalConfig(mode=args.mode, top_k=args.top_k)
+    base = RagPipeline(args.index, "base", ret, gen)
+    tuned = RagPipeline(args.index, tuned_ref, ret, gen)
+    _ = tuned.generator  # fails fast (no active tuned generator) before anything loads
+    q = base.check_question(args.question)
+    chunks = base.retrieve(q)
+    tuned.share_retrieval_from(base)
+    answers = {"base": _final(base.stream(q, chunks=chunks)),
+               "tuned": _final(tuned.stream(q, chunks=chunks))}
+    if args.json:
+        print(json.dumps({"question": q, "sources": answers["base"].to_dict()["sources"]}
+                         | {k: a.to_dict() for k, a in answers.items()}, ensure_ascii=False))
+        return 0
+    for label, ans in answers.items():
+        print(f"=== {label}: {ans.model} ===")
+        print(ans.text + "\n")
+    for s in answers["base"].sources:
+        cited = [label for label, a in answers.items() if s.id in a.citations]
+        print(f"[{s.number}] {s.title} ({s.id}, score {s.score:.3f})"
+              + (f"  cited by {', '.join(cited)}" if cited else ""))
+    print("Not medical advice: for decisions about your health, consult a clinician.")
+    return 0
+
+
 def cmd_ask(args) -> int:
     if bool(args.questions) != bool(args.out):
         raise ValueError("--questions and --out go together (batch mode)")
     if not args.questions and args.question is None:
         raise ValueError("give a QUESTION, or --questions FILE --out FILE")
+    if args.compare:
+        if args.questions:
+            raise ValueError("--compare answers one QUESTION: leave out --questions")
+        return ask_compare(args)
     pipe = _pipeline(args)
     if not args.questions:
         ans = pipe.answer(args.question)
@@ -188,6 +249,35 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def cmd_model(args) -> int:
+    from .models import ModelRegistry, merge_adapter
+
+    reg = ModelRegistry()
+    if args.action == "list":
+        rows = reg.list()
+        if not rows:
+            print("no registered models yet: `rag train ...` registers them (base is built in)")
+        for e in rows:
+            mark = "*" if (reg.active(e["kind"]) or {}).get("name") == e["name"] else " "
+            print(f"{mark} {e['name']:28s} {e['kind']:10s} {e.get('training_type') or '-':10s} "
+                  f"{e['created']}  {e['path']}")
+        return 0
+    if args.action == "activate":
+        entry = reg.set_active(reg.get(args.name)["kind"], args.name)
+        print(f"active {entry['kind']} model: {entry['name']}")
+        return 0
+    if args.action == "rollback":
+        entry = reg.rollback(args.kind)
+        now = entry["name"] if entry else "none (the built-in default is used)"
+        print(f"active {args.kind} model: {now}")
+        return 0
+    t = time.perf_counter()
+    entry = merge_adapter(args.name, args.out, args.new_name, args.activate)
+    print(f"merged {args.name} -> generator {entry['name']} at {entry['path']} in "
+          f"{time.perf_counter() - t:.1f}s{' (active)' if args.activate else ''}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from training.cli import run_train
 
@@ -199,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"index": cmd_index, "ask": cmd_ask, "eval": cmd_eval,
+        return {"index": cmd_index, "ask": cmd_ask, "eval": cmd_eval, "model": cmd_model,
                 "train": cmd_train}[args.command](args)
     except ValueError as e:  # user input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)

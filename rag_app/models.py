@@ -5,6 +5,7 @@ One JSON file, `<models_dir>/registry.json`:
 An entry is {"name", "kind", "path", "base_model", "training_type", "created", "metrics",
 "manifest"}. Paths inside the registry's folder are stored relative to it, so the folder can
 move. Writes are atomic (temp file + os.replace) under a file lock.
+`merge_adapter` folds a registered LoRA adapter into a standalone checkpoint (`rag model merge`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -245,3 +248,66 @@ class ModelRegistry:
         if Path(base_model).name == BASE_NAME and not Path(base_model).is_dir():
             base_model = "base"  # trained on another machine: use the local conversion
         return resolve_generator_path(base_model), str(path), name
+
+
+# -- merging an adapter into a standalone checkpoint
+
+def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None = None,
+                  activate: bool = False, registry: ModelRegistry | None = None) -> dict:
+    """Fold the LoRA adapter of registered generator `name` ("tuned" = the active one) into
+    its base model (peft `merge_and_unload`) and save a standalone transformers checkpoint
+    (model + tokenizer, safetensors) to `out` (default `<models_dir>/generator/<name>-merged`),
+    written to a temporary folder and renamed into place. Registers it as generator
+    `new_name` (default `<name>-merged`), active only with activate=True; returns the entry."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reg = registry or ModelRegistry()
+    if name == "tuned":
+        entry = reg.active("generator")
+        if entry is None:
+            raise ValueError(NO_TUNED)
+    else:
+        entry = reg.get(name)
+    name = entry["name"]
+    if entry["kind"] != "generator":
+        raise ValueError(f"model {name!r} is a {entry['kind']} model: only generator adapters "
+                         "can be merged")
+    base, adapter, _ = reg.resolve_generator(name)
+    if adapter is None:
+        raise ValueError(f"model {name!r} is not a LoRA adapter (no adapter_config.json in "
+                         f"{entry['path']}): it is already a standalone checkpoint, use it as is")
+    new_name = new_name or f"{name}-merged"
+    if not _NAME_RE.match(new_name) or new_name in BASE_ALIASES + ("tuned",):
+        raise ValueError(f"name={new_name!r} is invalid: use letters, digits, '.', '_', '-' "
+                         "(not 'base', 'default' or 'tuned')")
+    dest = Path(out) if out else reg.root / "generator" / new_name
+    if dest.exists():
+        raise ValueError(f"{dest} already exists: pass another --out, or delete the folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"could not load adapter {adapter!r} on {base!r}: {exc}") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = {"merged_from": name, "adapter": adapter, "base_model": base,
+                    "training_type": entry.get("training_type", ""),
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("merged %s into %s in %.1f s", name, dest, time.perf_counter() - t0)
+    return reg.register(new_name, "generator", dest, base_model=base,
+                        training_type=entry.get("training_type", ""), metrics=entry["metrics"],
+                        manifest={"merged_from": name, "file": str(dest / "manifest.json")},
+                        activate=activate)

@@ -64,3 +64,22 @@ def tiny_examples(tokenizer):
     from training.data import instruction_examples
 
     return instruction_examples(tokenizer, 24, n_sources=2, max_prompt_tokens=240, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """A real LoRA adapter (peft) over the packaged base checkpoint, saved to a folder. Its B
+    weights are random, not zero (init_lora_weights=False), so it changes the logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    out = tmp_path_factory.mktemp("lora") / "tiny-adapter"
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out

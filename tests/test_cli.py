@@ -2,13 +2,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from rag_app.cli import build_parser, main
 
+REPO = Path(__file__).resolve().parent.parent
 COMMANDS = [[], ["index"], ["index", "build"], ["index", "add"], ["index", "info"],
-            ["index", "list"], ["ask"], ["eval"], ["eval", "retrieval"], ["eval", "qa"]]
+            ["index", "list"], ["ask"], ["eval"], ["eval", "retrieval"], ["eval", "qa"],
+            ["model"], ["model", "list"], ["model", "activate"], ["model", "rollback"],
+            ["model", "merge"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "rag")
@@ -62,6 +66,30 @@ def test_ask_json_and_batch(small_index, tmp_path, capsys):
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert rows[0]["id"] == "a" and rows[0]["answer"]
     assert rows[1]["id"] == "b" and "empty" in rows[1]["error"]
+
+
+@pytest.mark.slow
+def test_ask_compare_base_and_tuned_on_the_same_sources(small_index, tiny_adapter, tmp_path,
+                                                        monkeypatch, capsys):
+    from rag_app.models import ModelRegistry
+
+    monkeypatch.setenv("RAG_MODELS_DIR", str(tmp_path / "models"))  # a registry of its own
+    monkeypatch.setenv("RAG_BASE_CACHE", str(REPO / "models"))
+    ask = ["ask", "What causes gout?", "--index", "small", "--compare", "--max-new-tokens", "8"]
+    assert main(ask + ["--json"]) == 2  # nothing tuned yet
+    assert "rag train instruct" in capsys.readouterr().err
+    ModelRegistry().register("lora-cli", "generator", tiny_adapter, activate=True)
+    assert main(ask + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["question"] == "What causes gout?" and out["sources"]
+    base, tuned = out["base"], out["tuned"]
+    assert base["model"] == "base" and tuned["model"] == "lora-cli"
+    assert not base["weak_evidence"] and base["answer"] and tuned["answer"]
+    assert out["sources"] == base["sources"] == tuned["sources"]
+    assert main(ask) == 0
+    text = capsys.readouterr().out
+    assert "=== base: base ===" in text and "=== tuned: lora-cli ===" in text
+    assert main(ask + ["--questions", "q.jsonl", "--out", "o.jsonl"]) == 2
 
 
 def test_eval_retrieval_on_files(small_index, tmp_path, capsys):
