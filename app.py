@@ -1,7 +1,8 @@
 """Gradio app: layout and event wiring only (the logic lives in rag_app.ui_logic / ui_admin).
 
 Tabs: Ask (base vs tuned answer on the same sources, ratings), Index (list, upload, rebuild,
-choose), Fine-tune (background training job, promote / roll back), Evaluate (retrieval).
+choose), Fine-tune (background training job, promote / roll back), Evaluate (retrieval, and
+base-vs-tuned answer quality).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from rag_app.config import GenerationConfig  # noqa: E402
 from rag_app.feedback import FeedbackStore  # noqa: E402
 from rag_app.jobs import JobRunner  # noqa: E402
 from rag_app.models import KINDS  # noqa: E402
+from rag_app.qa_eval import QA_DATASETS  # noqa: E402
 
 CSS = """<style>
 .src {border-left: 3px solid #8aa; padding: 2px 10px; margin: 8px 0;}
@@ -67,7 +69,8 @@ def make_app(index: str = "default", model: str = "base",
     # ---------- handlers (thin: logic is in rag_app) ----------
     @_user_errors
     def ask(question, top_k, progress=gr.Progress()):
-        admin.ensure_index(state.index_name, progress)  # builds "default" on first use
+        if state.first_run is None:  # a missing non-default index: a clear error
+            admin.ensure_index(state.index_name, progress)
         yield from state.ask(question, int(top_k))
 
     @_user_errors
@@ -131,6 +134,9 @@ def make_app(index: str = "default", model: str = "base",
     def job_status():
         return admin.job_view(jobs)
 
+    def first_run_banner():
+        return state.first_run_text()
+
     @_user_errors
     def promote():
         msg = admin.promote(jobs)
@@ -149,10 +155,17 @@ def make_app(index: str = "default", model: str = "base",
         table, result = admin.run_eval(state, dataset, limit, modes)
         return table, admin.eval_figure(result), admin.eval_history(state.feedback)
 
+    @_user_errors
+    def run_qa_eval(dataset, limit, progress=gr.Progress()):
+        progress(0, desc=f"answering {dataset}")
+        table, result = admin.run_qa_eval(state, dataset, limit, progress)
+        return table, admin.qa_figure(result), admin.eval_history(state.feedback)
+
     # ---------- layout ----------
     with gr.Blocks(title="Medical QA from evidence") as demo:
         gr.HTML(CSS)
         gr.Markdown("# Medical questions, answered from sources")
+        first_run = gr.Markdown(state.first_run_text(), elem_id="first-run-banner")
         with gr.Tab("Ask"):
             iid = gr.State(None)
             with gr.Row():
@@ -240,6 +253,15 @@ def make_app(index: str = "default", model: str = "base",
             eval_btn = gr.Button("Run retrieval evaluation", variant="primary")
             eval_table = gr.Dataframe(label="Results", interactive=False)
             eval_plot = gr.Plot(label="Recall@10 / MRR@10 / nDCG@10")
+            gr.Markdown("### Answer quality: base vs tuned generator on held-out questions")
+            with gr.Row():
+                qa_dataset = gr.Dropdown(list(QA_DATASETS), value=QA_DATASETS[0],
+                                         label="QA dataset")
+                qa_limit = gr.Number(10, precision=0,
+                                     label=f"Questions (1-{admin.MAX_QA_EVAL})")
+            qa_btn = gr.Button("Run QA evaluation")
+            qa_table = gr.Dataframe(label="QA results", interactive=False)
+            qa_plot = gr.Plot(label="Accuracy / ROUGE-L / token F1 / citations")
             history = gr.Dataframe(admin.eval_history(state.feedback), label="History",
                                    interactive=False)
 
@@ -264,12 +286,16 @@ def make_app(index: str = "default", model: str = "base",
         cancel_btn.click(cancel_job, None, job_msg, api_name="cancel_job")
         job_out = [job_md, loss_plot, metrics]
         timer.tick(job_status, None, job_out, api_name="job_status", show_progress="hidden")
+        timer.tick(first_run_banner, None, first_run, api_name="first_run_status",
+                   show_progress="hidden")
         demo.load(job_status, None, job_out, api_name="job_status_on_load",
                   api_visibility="private")
         promote_btn.click(promote, None, [job_msg, models], api_name="promote")
         rollback_btn.click(rollback, rb_kind, [job_msg, models], api_name="rollback")
         eval_btn.click(run_eval, [dataset, limit, modes], [eval_table, eval_plot, history],
                        api_name="run_eval")
+        qa_btn.click(run_qa_eval, [qa_dataset, qa_limit], [qa_table, qa_plot, history],
+                     api_name="run_qa_eval")
     demo.rag_state = state  # for tests and benchmarks: the shared pipelines
     demo.rag_jobs = jobs
     return demo

@@ -8,10 +8,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import RetrievalConfig
-from .datasets import (load_retrieval_dataset, load_retrieval_files, pubmedqa_heldout_pmids,
-                       pubmedqa_records)
-from .evaluate import (classification_metrics, rouge_l, run_retrieval, retrieval_metrics,
-                       token_f1, yes_no_maybe)
+from .datasets import load_retrieval_dataset, load_retrieval_files
+from .evaluate import run_retrieval, retrieval_metrics
 
 COLUMNS = ("recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "ndcg@10")
 
@@ -78,53 +76,20 @@ def eval_retrieval(args) -> int:
 
 
 def eval_qa(args) -> int:
-    """PubMedQA held-out fold: decision accuracy and ROUGE-L vs the long answer; MedQuAD
-    test: token F1 and ROUGE-L vs the reference answer. The pipeline retrieves as in the app."""
+    """Answer held-out questions through the pipeline and score them (see `qa_eval`)."""
     from .config import GenerationConfig
-    from .datasets import medquad_records, medquad_test_titles
     from .pipeline import RagPipeline
+    from .qa_eval import evaluate_qa, qa_items
 
     pipe = RagPipeline(args.index, args.model,
                        generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
-    if args.dataset == "pubmedqa-heldout":
-        held = pubmedqa_heldout_pmids()
-        items = [(r["pmid"], r["question"], r["long_answer"], r["final_decision"])
-                 for r in pubmedqa_records() if r["pmid"] in held]
-    else:
-        test = medquad_test_titles()
-        seen, items = set(), []
-        for r in medquad_records():
-            if r["title"] in test and r["question"] not in seen:
-                seen.add(r["question"])
-                items.append((r["pid"], r["question"], r["text"], None))
-    items = sorted(items)[: args.limit]
-    rows, t = [], time.perf_counter()
-    for qid, question, gold, decision in tqdm(items, desc="answering", unit="q"):
-        ans = pipe.answer(question)
-        rows.append({"id": qid, "question": question, "answer": ans.text,
-                     "weak_evidence": ans.weak_evidence, "cited": ans.citations,
-                     "rouge_l": rouge_l(ans.text, gold), "token_f1": token_f1(ans.text, gold),
-                     "gold_decision": decision,
-                     "decision": yes_no_maybe(ans.text) if decision else None,
-                     "citation_ok": not ans.dropped_citations,
-                     "words": len(ans.text.split())})
-    n = len(rows)
-    result = {"dataset": args.dataset, "model": pipe.generator.name, "n": n,
-              "seconds": round(time.perf_counter() - t, 1),
-              "rouge_l": sum(r["rouge_l"] for r in rows) / max(n, 1),
-              "token_f1": sum(r["token_f1"] for r in rows) / max(n, 1),
-              "citation_validity": sum(r["citation_ok"] for r in rows) / max(n, 1),
-              "answers_with_citation": sum(bool(r["cited"]) for r in rows) / max(n, 1),
-              "weak_evidence": sum(r["weak_evidence"] for r in rows) / max(n, 1),
-              "mean_words": sum(r["words"] for r in rows) / max(n, 1)}
-    if args.dataset == "pubmedqa-heldout":
-        cls = classification_metrics([r["gold_decision"] for r in rows],
-                                     [r["decision"] for r in rows])
-        golds = [r["gold_decision"] for r in rows]
-        result["accuracy"] = cls["accuracy"]
-        result["macro_f1"] = cls["macro_f1"]
-        result["majority_baseline"] = max(golds.count(x) for x in set(golds)) / max(n, 1)
+    items = qa_items(args.dataset, args.limit)
+    bar = tqdm(total=len(items), desc="answering", unit="q")
+    result = evaluate_qa(pipe, args.dataset, items,
+                         progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
     for k, v in result.items():
-        print(f"{k:24s} {v:.4f}" if isinstance(v, float) else f"{k:24s} {v}")
-    _save(args.out, result | {"rows": rows})
+        if k != "rows":
+            print(f"{k:24s} {v:.4f}" if isinstance(v, float) else f"{k:24s} {v}")
+    _save(args.out, result)
     return 0

@@ -17,6 +17,7 @@ from .pipeline import add_to_index, build_index
 
 UPLOAD_TYPES = (".pdf", ".txt", ".md", ".html", ".jsonl")
 MAX_UPLOAD_MB = 50
+MAX_QA_EVAL = 200
 EVAL_DATASETS = ("pubmedqa-trainval", "medquad-test")
 EVAL_COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -309,13 +310,87 @@ def eval_figure(result: dict):
     return fig
 
 
+HISTORY_COLUMNS = ("recall@10", "ndcg@10", "accuracy", "rouge_l", "citation_validity")
+
+
 def eval_history(store) -> pd.DataFrame:
+    """One row per (run, retrieval mode) and per (QA run, model), newest first."""
     rows = []
     for r in store.eval_runs():
-        for m, v in r.get("modes", {}).items():
+        systems = ({f"qa: {k}": v for k, v in r.get("models", {}).items()}
+                   if r.get("kind") == "qa" else r.get("modes", {}))
+        for m, v in systems.items():
             rows.append({"when": r.get("when"), "dataset": r.get("dataset"),
-                         "index": r.get("index"), "queries": r.get("queries"), "mode": m,
-                         "recall@10": round(v.get("recall@10", 0), 4),
-                         "ndcg@10": round(v.get("ndcg@10", 0), 4)})
+                         "index": r.get("index"), "queries": r.get("queries"), "mode": m}
+                        | {c: (round(v[c], 4) if v.get(c) is not None else None)
+                           for c in HISTORY_COLUMNS})
     return pd.DataFrame(rows, columns=["when", "dataset", "index", "queries", "mode",
-                                       "recall@10", "ndcg@10"])
+                                       *HISTORY_COLUMNS])
+
+
+def run_qa_eval(state, dataset: str, limit, progress=None) -> tuple[pd.DataFrame, dict]:
+    """Answer `limit` held-out questions with the base and (if one is active) the tuned
+    generator on the active index; score both; save the run to the history."""
+    from .qa_eval import QA_DATASETS, evaluate_qa, qa_items
+
+    if dataset not in QA_DATASETS:
+        raise ValueError(f"dataset={dataset!r} is invalid: choose one of {QA_DATASETS}")
+    limit = int(limit or 0)
+    if not 1 <= limit <= MAX_QA_EVAL:
+        raise ValueError(f"limit={limit} is invalid: use 1..{MAX_QA_EVAL} questions "
+                         f"(each is a generated answer; `rag eval qa` runs the full set)")
+    state.sync_models()
+    items = qa_items(dataset, limit)
+    systems = [("base", state.base)]
+    if state.tuned_available():
+        state.share_retrieval()
+        systems.append(("tuned", state.tuned))
+    t = time.perf_counter()
+    result = {"kind": "qa", "dataset": dataset, "index": state.index_name,
+              "queries": len(items), "models": {}, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for i, (label, pipe) in enumerate(systems):
+        def step(done, total, i=i, label=label):
+            if progress:
+                progress((i * total + done) / (len(systems) * total),
+                         desc=f"{label}: {done}/{total} answers")
+        r = evaluate_qa(pipe, dataset, items, progress=step)
+        r.pop("rows")
+        result["models"][label] = r
+    result["seconds"] = round(time.perf_counter() - t, 1)
+    state.feedback.add_eval_run(result)
+    return qa_table(result), result
+
+
+def qa_table(result: dict) -> pd.DataFrame:
+    from .qa_eval import QA_COLUMNS
+
+    rows = [{"system": k, "model": v.get("model")} |
+            {c: (round(v[c], 4) if v.get(c) is not None else None) for c in QA_COLUMNS}
+            for k, v in result["models"].items()]
+    return pd.DataFrame(rows, columns=["system", "model", *QA_COLUMNS])
+
+
+def qa_figure(result: dict):
+    """Grouped bars: base vs tuned on the answer-quality metrics of this dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("accuracy", "rouge_l", "token_f1", "citation_validity",
+                           "answers_with_citation")
+               if any(v.get(m) is not None for v in result["models"].values())]
+    systems = list(result["models"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    w = 0.8 / max(len(systems), 1)
+    for i, s in enumerate(systems):
+        ax.bar([j + i * w for j in range(len(metrics))],
+               [result["models"][s].get(m) or 0.0 for m in metrics], w, label=s)
+    ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(len(metrics))], metrics,
+                  fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['dataset']} on {result['index']} ({result['queries']} questions)")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -56,7 +56,7 @@ def test_every_event_has_an_api_name(app):
     info = app[1].view_api(print_info=False, return_format="dict")
     names = set(info["named_endpoints"])
     assert {"/ask", "/rate", "/prefer", "/upload", "/start_job", "/job_status", "/cancel_job",
-            "/promote", "/rollback", "/run_eval", "/set_index", "/rebuild",
+            "/promote", "/rollback", "/run_eval", "/run_qa_eval", "/set_index", "/rebuild",
             "/export_preferences"} <= names
     with pytest.raises(Exception, match="no training job is running"):
         app[1].predict(api_name="/cancel_job")
@@ -196,3 +196,26 @@ def test_run_eval_shows_a_table_a_plot_and_keeps_history(app):
     assert {r[1] for r in history["data"]} == {"medquad-test"} and len(history["data"]) >= 2
     with pytest.raises(Exception, match="limit=0 is invalid"):
         client.predict("medquad-test", 0, ["bm25"], api_name="/run_eval")
+
+
+def test_qa_eval_scores_base_and_tuned_and_joins_the_history(app):
+    """The Evaluate tab answers held-out PubMedQA questions with both generators."""
+    demo, client, _ = app
+    reg = ModelRegistry()
+    reg.register("gen-qa", "generator", reg.root / "base" / "smollm2-135m-instruct",
+                 activate=True)
+    try:
+        table, plot, history = client.predict("pubmedqa-heldout", 2, api_name="/run_qa_eval")
+    finally:
+        reg.rollback("generator")
+    cols = table["headers"]
+    rows = {r[0]: dict(zip(cols, r)) for r in table["data"]}
+    assert set(rows) == {"base", "tuned"} and rows["tuned"]["model"] == "gen-qa"
+    for r in rows.values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["rouge_l"] <= 1 and r["mean_words"] > 0
+    # the same checkpoint with greedy decoding gives the same answers, so the same scores
+    assert rows["base"]["rouge_l"] == rows["tuned"]["rouge_l"]
+    assert plot is not None
+    assert {"qa: base", "qa: tuned"} <= {r[4] for r in history["data"]}
+    with pytest.raises(Exception, match="limit=0 is invalid"):
+        client.predict("pubmedqa-heldout", 0, api_name="/run_qa_eval")
