@@ -104,6 +104,22 @@ class ChunkIndex:
         }
         return cls(chunks, index, cls._make_bm25(chunks), meta)
 
+    @classmethod
+    def keyword_only(cls, chunks: list[Chunk], docs: list[Document],
+                     embedder_meta: dict | None = None) -> "ChunkIndex":
+        """A provisional in-memory index with BM25 and no dense vectors: what the app answers
+        from on its first run while the dense index is still being embedded. Never saved."""
+        if not chunks:
+            raise ValueError("no chunks to index: every input was empty or skipped")
+        meta = {"keyword_only": True, "embedder": embedder_meta or {},
+                "n_chunks": len(chunks), "n_documents": len({c.doc_id for c in chunks}),
+                "corpus_fingerprint": corpus_fingerprint(docs)}
+        return cls(chunks, None, cls._make_bm25(chunks), meta)
+
+    @property
+    def keyword_only_index(self) -> bool:
+        return self.faiss is None
+
     @staticmethod
     def _make_bm25(chunks: list[Chunk]):
         import bm25s
@@ -137,6 +153,8 @@ class ChunkIndex:
 
     def vectors(self, ids: list[int]) -> np.ndarray:
         """The stored (normalised) vectors of the given rows."""
+        if self.faiss is None:
+            raise ValueError("this index has no dense vectors yet (keyword-only)")
         if isinstance(self.faiss, faiss.IndexIVF):
             self.faiss.make_direct_map()
         return np.vstack([self.faiss.reconstruct(int(i)) for i in ids]) if ids else \
@@ -145,6 +163,8 @@ class ChunkIndex:
     # ---------- disk ----------
     def save(self, path: Path) -> Path:
         """Write to a temporary sibling, then swap it into place."""
+        if self.faiss is None:
+            raise ValueError("a keyword-only (provisional) index is never saved")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"

@@ -28,12 +28,14 @@ def _ingest(sources: list[str] | None) -> IngestReport:
 
 
 def _embed_chunks(docs, embedder, chunking: ChunkConfig, progress: bool,
-                  callback: StageFn | None):
+                  callback: StageFn | None, on_chunks=None):
     if chunking.size > embedder.max_seq_length:
         raise ValueError(f"chunk size {chunking.size} exceeds the embedder's window "
                          f"({embedder.max_seq_length} tokens): use --chunk-size <= "
                          f"{embedder.max_seq_length}")
     chunks = chunk_documents(docs, embedder.tokenizer, chunking, progress=progress)
+    if on_chunks is not None:
+        on_chunks(chunks)
     cb = (lambda done, total: callback("embedding", done, total)) if callback else None
     vectors = embedder.encode([c.text for c in chunks], progress=progress, callback=cb)
     return chunks, vectors
@@ -42,8 +44,10 @@ def _embed_chunks(docs, embedder, chunking: ChunkConfig, progress: bool,
 def build_index(name: str = "default", sources: list[str] | None = None, kind: str = "flat",
                 embedder: str | SentenceTransformerEmbedder = DEFAULT_EMBEDDER,
                 chunking: ChunkConfig = ChunkConfig(), progress: bool = True,
-                callback: StageFn | None = None) -> tuple[ChunkIndex, IngestReport]:
-    """Ingest -> chunk -> embed -> FAISS + BM25 -> indexes/NAME (swapped in atomically)."""
+                callback: StageFn | None = None,
+                on_chunks=None) -> tuple[ChunkIndex, IngestReport]:
+    """Ingest -> chunk -> embed -> FAISS + BM25 -> indexes/NAME (swapped in atomically).
+    `on_chunks(chunks, documents)` is called once chunking is done, before embedding."""
     path = index_path(name)
     emb = embedder if not isinstance(embedder, str) else SentenceTransformerEmbedder(embedder)
     report = _ingest(sources)
@@ -52,7 +56,8 @@ def build_index(name: str = "default", sources: list[str] | None = None, kind: s
     if not report.documents:
         raise ValueError("no readable documents in " + ", ".join(map(str, sources or [])) +
                          f" ({len(report.skipped)} skipped)")
-    chunks, vectors = _embed_chunks(report.documents, emb, chunking, progress, callback)
+    hook = (lambda chunks: on_chunks(chunks, report.documents)) if on_chunks else None
+    chunks, vectors = _embed_chunks(report.documents, emb, chunking, progress, callback, hook)
     index = ChunkIndex.build(chunks, vectors, emb.describe(), chunking, report.documents, kind,
                              [str(s) for s in sources] if sources else ["default-medical"])
     index.save(path)
@@ -180,6 +185,15 @@ class RagPipeline:
         self._index, self._embedder = other.index, other.embedder
         self._retriever, self._reranker = other.retriever, other.reranker
 
+    def use_index(self, index: ChunkIndex, embedder) -> None:
+        """Answer from an index held in memory (the first run's keyword-only index)."""
+        self._index, self._embedder = index, embedder
+        self._retriever = self._reranker = None
+
+    @property
+    def keyword_only(self) -> bool:
+        return self._index is not None and self._index.faiss is None
+
     def warm_up(self, generator: bool = True) -> "RagPipeline":
         _ = self.retriever, self.reranker
         if generator:
@@ -204,8 +218,12 @@ class RagPipeline:
         k = k or self.retrieval.top_k
         t0 = time.perf_counter()
         qvec = self.embedder.encode([q])
-        cands = self.retriever.search_batch([q], self.retrieval.candidates,
-                                            query_vecs=qvec)[0]
+        if self.keyword_only:  # first run, dense index still building: BM25, fewer candidates
+            cands = self.retriever.search_batch([q], min(self.retrieval.candidates, 2 * k),
+                                                mode="bm25")[0]
+        else:
+            cands = self.retriever.search_batch([q], self.retrieval.candidates,
+                                                query_vecs=qvec)[0]
         t1 = time.perf_counter()
         top = self.reranker.rerank(q, cands, k, query_vec=qvec[0])
         if timings is not None:

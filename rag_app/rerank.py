@@ -48,7 +48,10 @@ class Reranker:
                               dtype=np.float32).reshape(-1)
         if query_vec is None:
             query_vec = self.embedder.encode([question])[0]
-        vecs = self.index.vectors([self.index.row_of(c.id) for c in chunks])
+        if self.index.faiss is None:  # provisional keyword-only index: embed the candidates
+            vecs = self.embedder.encode([c.text for c in chunks])
+        else:
+            vecs = self.index.vectors([self.index.row_of(c.id) for c in chunks])
         return vecs @ np.asarray(query_vec, dtype=np.float32)
 
     def rerank(self, question: str, chunks: list[Chunk], top_k: int,

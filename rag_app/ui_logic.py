@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from .cite import support
 from .config import GenerationConfig, RetrievalConfig
 from .feedback import FeedbackStore
+from .index import index_path
 from .models import ModelRegistry
 from .pipeline import RagPipeline
 from .present import DISCLAIMER
@@ -30,8 +31,12 @@ class AppState:
 
     def __init__(self, index: str = "default", model: str = "base",
                  generation: GenerationConfig = GenerationConfig(),
-                 feedback: FeedbackStore | None = None, top_k: int = 5):
+                 feedback: FeedbackStore | None = None, top_k: int = 5,
+                 first_run_sources: list[str] | None = None, first_run_embedder=None):
         self.model = model
+        self.first_run = None  # a BackgroundBuild while the default index is being built
+        self._first_run_sources = first_run_sources
+        self._first_run_embedder = first_run_embedder
         self.generation = generation
         self.top_k = top_k
         self.feedback = feedback or FeedbackStore()
@@ -48,6 +53,41 @@ class AppState:
             self.tuned = RagPipeline(index, "tuned", RetrievalConfig(top_k=self.top_k),
                                      self.generation, build_if_missing=False)
             self._signature = self.registry_signature()
+            if index == "default" and not (index_path(index) / "meta.json").exists() \
+                    and self.first_run is None:
+                from .embed import DEFAULT_EMBEDDER
+                from .firstrun import BackgroundBuild
+
+                self.first_run = BackgroundBuild(
+                    index, self._first_run_sources,
+                    self._first_run_embedder or DEFAULT_EMBEDDER).start()
+
+    def first_run_text(self) -> str:
+        """The first-run banner (empty once the index is built)."""
+        fr = self.first_run
+        return "" if fr is None or fr.succeeded else fr.status_text()
+
+    def prepare(self) -> str | None:
+        """Before answering. On the first run: answer from the keyword-only index while the dense
+        one builds (returns the notice to show), and switch to the full index once it is on
+        disk. Otherwise nothing to do."""
+        fr = self.first_run
+        if fr is None or self.index_name != fr.name:
+            return None
+        if fr.succeeded:
+            with self._lock:
+                if self.first_run is fr:
+                    self.first_run = None
+                    self.reload_index()  # hybrid from now on
+            return None
+        fr.ready.wait()
+        if fr.provisional is None:
+            raise ValueError(fr.status_text())
+        with self._lock:
+            for p in (self.base, self.tuned):
+                if p._index is not fr.provisional:
+                    p.use_index(fr.provisional, fr.embedder)
+        return fr.status_text()
 
     def reload_index(self) -> None:
         """The index changed on disk (upload, rebuild): reload it, keep the generators."""
@@ -92,6 +132,7 @@ class AppState:
     def ask(self, question: str, top_k: int = 5) -> Iterator[tuple]:
         """Yields (status, sources, base answer, tuned answer, interaction id) as HTML."""
         self.sync_models()
+        notice = self.prepare()
         with self._lock:
             base, tuned = self.base, self.tuned
         q = base.check_question(question)
@@ -100,6 +141,8 @@ class AppState:
         self.share_retrieval()
         weak = base.is_weak(chunks)
         status = status_html(self.index_name, self.reranker_label(), len(chunks), timings, weak)
+        if notice:
+            status = f'<div class="notice" id="first-run">⏳ {html.escape(notice)}</div>' + status
         pending = '<div class="ans pending">waiting…</div>'
         has_tuned = self.tuned_available()
         tuned_html = pending if has_tuned else notice_html(NO_TUNED_TEXT)
