@@ -41,9 +41,10 @@ VARIANTS = ("tiny", "small", "test", "full", "large", "base")
 
 def recipe_kind(stem: str, stems: set[str]) -> str:
     """`relevance-tiny` -> `relevance` (a variant of another recipe, or a known variant
-    suffix); `synthetic-queries` stays itself."""
+    suffix; the shortest such prefix, so `pretrain-ewc-tiny` -> `pretrain`);
+    `synthetic-queries` stays itself."""
     parts = stem.split("-")
-    for n in range(len(parts) - 1, 0, -1):
+    for n in range(1, len(parts)):
         prefix = "-".join(parts[:n])
         if prefix in stems or all(p in VARIANTS for p in parts[n:]):
             return prefix

@@ -28,7 +28,7 @@ from rag_app.generate import (BASE_ALIASES, BASE_NAME, ensure_base_checkpoint,
 
 log = logging.getLogger(__name__)
 
-KINDS = ("generator", "relevance", "embedder")
+KINDS = ("generator", "relevance", "embedder", "base")  # base: `rag train pretrain|vocab`
 REGISTRY_FILE = "registry.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 NO_TUNED = ("no tuned generator is registered yet; train one with `rag train instruct` "
@@ -38,6 +38,15 @@ NO_TUNED = ("no tuned generator is registered yet; train one with `rag train ins
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is invalid: choose one of {KINDS}")
+
+
+def _is_masked_lm(path: str | Path) -> bool:
+    """True for a masked-LM encoder checkpoint (a "base" from `rag train pretrain` on MiniLM)."""
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(a.endswith("ForMaskedLM") for a in archs)
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -219,7 +228,8 @@ class ModelRegistry:
             return self._resolve_entry(entry)
         registered = self._read()["models"].get(model)
         if registered is not None:
-            if registered["kind"] != "generator":
+            if registered["kind"] not in ("generator", "base") or _is_masked_lm(
+                    self._public(registered)["path"]):
                 raise ValueError(f"model {model!r} is a {registered['kind']} model, not a "
                                  "generator")
             return self._resolve_entry(self._public(registered))

@@ -1,11 +1,14 @@
 """`rag train ...` and the training-side `rag eval ...` commands, plugged into rag_app.cli.
 
-    rag train relevance|retriever|synthetic-queries|instruct --recipe training/recipes/X.yaml
+    rag train relevance|retriever|synthetic-queries|instruct|pretrain|vocab
+        --recipe training/recipes/X.yaml
         [--set key=value ...] [--max-steps N] [--base-model M] [--name NAME]
         [--output DIR] [--progress-file F] [--resume] [--activate]
     rag eval relevance --model tuned|NAME|PATH [--recipe R] [--out results/X.json]
     rag eval ranking --index eval --model tuned|NAME|PATH [--model ...] [--limit N]
         [--candidates 50] [--out results/X.json]
+    rag eval lm --model base|NAME|PATH --text domain-heldout|general|PATH [--limit N]
+        [--block-size 256] [--out results/X.json]
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import json
 import time
 from pathlib import Path
 
-TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct")
+TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "pretrain", "vocab")
 DEFAULT_RECIPES = {"relevance": "relevance.yaml", "retriever": "retriever.yaml",
-                   "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml"}
+                   "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml",
+                   "pretrain": "pretrain.yaml", "vocab": "vocab.yaml"}
 
 
 def add_train_parser(sub) -> None:
@@ -54,6 +58,19 @@ def add_eval_parsers(esub) -> None:
     k.add_argument("--candidates", type=int, default=50)
     k.add_argument("--no-cosine", action="store_true", help="skip the bi-encoder rerank row")
     k.add_argument("--out", help="write JSON here (+ a .png plot)")
+    m = esub.add_parser("lm", help="language-model perplexity on held-out domain / general text")
+    m.add_argument("--model", action="append", default=[],
+                   help="base | minilm | tuned | registered name | path (repeatable; "
+                   "NAME=REF to label)")
+    m.add_argument("--text", default="domain-heldout",
+                   help="domain-heldout | general | PATH (.txt or .jsonl)")
+    m.add_argument("--limit", type=int, default=32, help="blocks (0 = all)")
+    m.add_argument("--block-size", type=int, default=256)
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--objective", default="auto", choices=["auto", "clm", "mlm"])
+    m.add_argument("--split-seed", type=int, default=0, help="as the pretrain run's split_seed")
+    m.add_argument("--heldout-fraction", type=float, default=0.05)
+    m.add_argument("--out", help="write JSON here (+ a .png plot)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -98,6 +115,10 @@ def run_train(args) -> int:
         from .synthetic import SyntheticConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "instruct":
         from .instruct import InstructConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "pretrain":
+        from .pretrain import PretrainConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "vocab":
+        from .vocab import VocabConfig as RelevanceConfig, run  # noqa: N814
     else:
         raise ValueError(f"unknown training type {args.kind!r}: choose one of {TRAIN_TYPES}")
     cfg = _train_config(args, RelevanceConfig)
@@ -182,5 +203,10 @@ def run_eval(args) -> int:
                            args.limit, args.candidates)
         print_ranking(res)
         _save(args.out, res, plot_ranking)
+        return 0
+    if args.what == "lm":
+        from .lm_eval import run_eval_lm
+
+        run_eval_lm(args)
         return 0
     raise ValueError(f"unknown evaluation {args.what!r}")

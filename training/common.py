@@ -275,14 +275,15 @@ def trainer_args_common(cfg: TrainConfig, output: Path, has_eval: bool) -> dict:
 
 
 def save_and_register(model, kind: str, training_type: str, manifest: RunManifest,
-                      name: str = "", activate: bool = False) -> dict:
-    """Save `model` (anything with save_pretrained) to <models_dir>/<kind>/<name>, written to a
-    temporary folder and renamed into place, with its manifest.json; register it in the
-    ModelRegistry (kind "relevance" | "embedder") with its metrics; active only if asked."""
+                      name: str = "", activate: bool = False, folder: str | None = None) -> dict:
+    """Save `model` (anything with save_pretrained) to <models_dir>/<folder or kind>/<name>,
+    written to a temporary folder and renamed into place, with its manifest.json; register it
+    in the ModelRegistry (kind "relevance" | "embedder" | "generator" | "base") with its
+    metrics; active only if asked."""
     from rag_app.models import ModelRegistry
 
     name = name or f"{training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest = models_dir() / kind / name
+    dest = models_dir() / (folder or kind) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
     model.save_pretrained(str(tmp))
@@ -312,18 +313,28 @@ def start_run(training_type: str, cfg: TrainConfig, output: str | None,
 
 
 def finish_run(model, trainer, progress, manifest: RunManifest, kind: str, training_type: str,
-               cfg: TrainConfig, activate: bool, out: Path, t0: float, metrics: dict) -> dict:
+               cfg: TrainConfig, activate: bool, out: Path, t0: float, metrics: dict,
+               folder: str | None = None) -> dict:
     """The shared end of every training run: training log and wall time into the manifest,
     save + register the model, write the manifest into the run folder, emit "done"."""
     manifest.train_log = trainer.state.log_history
     manifest.wall_time_s = round(time.time() - t0, 1)
-    entry = save_and_register(model, kind, training_type, manifest, cfg.name, activate)
+    entry = save_and_register(model, kind, training_type, manifest, cfg.name, activate, folder)
     manifest.write(out)
     progress.done(entry["path"], metrics, trainer.state.global_step, trainer.state.max_steps)
     return {"entry": entry, "manifest": manifest.to_dict(), "run_dir": str(out), "model": model}
 
 
 def resolve_base(model: str) -> str:
+    """default/base -> the packaged MiniLM; a registered model name (e.g. a "base" from `rag
+    train pretrain`) -> its folder; else a path or HF id as given."""
     from rag_app.embed import resolve_embedder_path
 
+    if model not in ("default", "base", "") and not Path(model).exists():
+        from rag_app.models import ModelRegistry
+
+        try:
+            return ModelRegistry().get(model)["path"]
+        except ValueError:
+            pass
     return resolve_embedder_path(model)

@@ -66,12 +66,21 @@ class InstructConfig(TrainConfig):
 
 
 def resolve_base_generator(model: str) -> str:
-    """default/base -> the converted packaged checkpoint; else a local folder or a HF id."""
-    from rag_app.generate import ensure_base_checkpoint, resolve_generator_path
+    """default/base -> the converted packaged checkpoint; a registered full model (a "base"
+    from `rag train pretrain|vocab`, a merged generator) -> its folder; else a local folder or
+    a HF id. A LoRA adapter cannot be a base: merge it first (`rag model merge`)."""
+    from rag_app.generate import ensure_base_checkpoint
+    from rag_app.models import ModelRegistry
 
     if model in ("default", "base"):
         return str(ensure_base_checkpoint())
-    return resolve_generator_path(model)
+    if model == "tuned":
+        raise ValueError("base_model=tuned is ambiguous: pass the registered name or a path")
+    path, adapter, _ = ModelRegistry().resolve_generator(model)
+    if adapter is not None:
+        raise ValueError(f"base_model={model!r} is a LoRA adapter: merge it first "
+                         f"(`rag model merge {model}`) and start from the merged model")
+    return path
 
 
 def load_base(path: str):

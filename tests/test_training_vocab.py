@@ -1,0 +1,91 @@
+"""Vocabulary adaptation on the packaged SmolLM2: mined terms are frequent in the domain, rare
+in general text and split into >= 3 pieces; once added each is ONE token whose embedding (input
+and, tied, output) is the mean of its old pieces; the saved tokenizer + model reload and
+generate; the result registers as a "base" with its lineage. Untied output embeddings get their
+own mean (tiny random model)."""
+import json
+
+import pytest
+import torch
+
+from training.common import load_config
+from training.vocab import VocabConfig, add_terms, mine_terms, run
+
+
+@pytest.fixture(scope="module")
+def vocab_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vocab")
+    cfg = load_config(VocabConfig, "vocab-tiny.yaml", ["name=vocab-tiny"])
+    res = run(cfg, output=str(out / "run"), progress_file=str(out / "progress.jsonl"))
+    return cfg, res, out
+
+
+def test_mined_terms_are_domain_frequent_general_rare_and_split(vocab_run, tokenizer):
+    cfg, res, out = vocab_run
+    terms = res["terms"]
+    assert len(terms) == cfg.top_n == len(res["added"])
+    for t in terms:
+        assert t["term"].startswith(" ") and t["domain_count"] >= cfg.min_count
+        assert t["general_count"] == 0 or t["ratio"] >= cfg.min_ratio
+        assert t["n_pieces"] >= cfg.min_pieces
+        assert len(tokenizer(t["term"], add_special_tokens=False)["input_ids"]) >= 3  # before
+    counts = [t["domain_count"] for t in terms]
+    assert counts == sorted(counts, reverse=True)
+    assert json.loads((out / "run" / "terms.json").read_text())[0]["term"] == terms[0]["term"]
+
+
+def test_new_tokens_reload_as_one_token_with_mean_embeddings_and_generate(vocab_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rag_app.models import ModelRegistry
+
+    cfg, res, out = vocab_run
+    entry = res["entry"]
+    assert entry["kind"] == "base" and entry["training_type"] == "vocab"
+    assert ModelRegistry().get("vocab-tiny")["path"] == entry["path"]
+    tok = AutoTokenizer.from_pretrained(entry["path"])
+    model = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    emb, lm_head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert lm_head.data_ptr() == emb.data_ptr()  # still tied after resize + save + reload
+    for a in res["added"]:
+        assert tok(a["term"], add_special_tokens=False)["input_ids"] == [a["id"]]
+        assert torch.allclose(emb[a["id"]], emb[a["piece_ids"]].mean(0), atol=1e-6)
+    sentence = f"Patients with{res['added'][0]['term']} were treated."
+    ids = tok(sentence, add_special_tokens=False)["input_ids"]
+    assert res["added"][0]["id"] in ids and tok.decode(ids) == sentence
+    prompt = tok(sentence, return_tensors="pt")
+    with torch.inference_mode():
+        gen = model.generate(**prompt, max_new_tokens=3, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    assert gen.shape[1] == prompt["input_ids"].shape[1] + 3
+    man = json.loads((out / "run" / "manifest.json").read_text())
+    assert man["data"]["lineage"][-1]["training_type"] == "vocab"
+    assert man["data"]["added_tokens"] == cfg.top_n
+    events = [json.loads(x) for x in open(out / "progress.jsonl")]
+    assert [e["event"] for e in events] == ["start", "done"]
+
+
+def test_untied_output_embeddings_get_their_own_mean():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    terms = [t["term"] for t in mine_terms(
+        tok, ["In glomerulonephritis and pheochromocytoma, glomerulonephritis and the"] * 5,
+        ["It was a fine day in the village."], top_n=2, min_count=5, min_ratio=1.0)]
+    assert terms == [" glomerulonephritis", " pheochromocytoma"]  # by count; "the" is short
+    added = add_terms(model, tok, terms)
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    for a in added:
+        assert torch.allclose(emb[a["id"]], emb[a["piece_ids"]].mean(0), atol=1e-6)
+        assert torch.allclose(out[a["id"]], out[a["piece_ids"]].mean(0), atol=1e-6)
+        assert not torch.allclose(emb[a["id"]], out[a["id"]])
+    with pytest.raises(ValueError, match="already tokens"):
+        add_terms(model, tok, terms)

@@ -1,0 +1,298 @@
+"""Continued pre-training on domain text with the model's own objective, optionally with a
+forgetting penalty (EWC or Synaptic Intelligence, training/regularizers.py).
+
+Read top to bottom: config -> starting model (causal LM: the packaged SmolLM2 by default; a
+BERT-like encoder -> masked LM, with a NEW head tied to the word embeddings when the checkpoint
+has none, e.g. the packaged MiniLM) -> domain documents split BY DOCUMENT, packed into blocks
+(training/lmdata.py) -> perplexity before on held-out domain and general text -> importance on
+general-domain text (ewc | si) -> transformers.Trainer (PenaltyTrainer adds the penalty), full or
+LoRA -> perplexity after -> lm_eval.json + .png in the run folder -> a full checkpoint (LoRA
+merged in) + tokenizer saved and registered as kind "base" with its lineage, which `rag train
+instruct --base-model NAME` (or `rag train pretrain`) can start from.
+
+    rag train pretrain --recipe training/recipes/pretrain[-ewc|-si].yaml [--set k=v]
+        [--output DIR] [--progress-file F] [--resume] [--name NAME]
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import RunManifest, TrainConfig, finish_run, set_seed, start_run, trainer_args_common
+from .regularizers import REGULARIZERS
+
+log = logging.getLogger(__name__)
+GENERAL_SOURCE = ("../shared/data/general/*.txt (Project Gutenberg header and licence footer "
+                  "stripped), one document per chapter")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    base_model: str = "default"  # default = packaged SmolLM2 (clm); minilm = packaged MiniLM
+    # (mlm); a registered base/generator name; a local folder; a Hugging Face id
+    objective: str = "auto"  # auto (from the checkpoint) | clm | mlm
+    domain_text: str = "corpus"  # corpus = the default corpus; or a .txt / .jsonl path
+    heldout_fraction: float = 0.05  # of documents (+ the project's evaluation hold-outs)
+    split_seed: int = 0  # `rag eval lm --split-seed` must match to compare
+    block_size: int = 256
+    train_blocks: int = 0  # 0 = max_steps x batch_size x accumulation (one pass, no repeats)
+    eval_blocks: int = 32  # held-out domain blocks for perplexity (0 = skip)
+    general_eval_blocks: int = 32  # held-out general-text blocks (0 = skip)
+    eval_batch_size: int = 4
+    mlm_probability: float = 0.15
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    gradient_accumulation_steps: int = 1
+    # LoRA (merged into the saved checkpoint)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str = ""  # "" = peft's default for the architecture
+    lora_layers: int = 0  # adapt the last N layers only (0 = all)
+    # forgetting control
+    regularizer: str = "none"  # none | ewc | si
+    reg_lambda: float = 0.01  # on importances normalised to mean 1
+    importance_blocks: int = 16  # general-text blocks (train side) for the Fisher / SI pass
+    importance_norm: str = "mean"  # mean | max | none
+    si_steps: int = 8
+    si_lr: float = 1e-4
+    si_xi: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in ("auto", "clm", "mlm"):
+            raise ValueError(f"objective={self.objective!r} is invalid: use auto, clm or mlm")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer={self.regularizer!r} is invalid: use one of "
+                             f"{REGULARIZERS}")
+        if self.block_size < 8 or self.gradient_accumulation_steps < 1:
+            raise ValueError("block_size must be >= 8 and gradient_accumulation_steps >= 1")
+        if self.regularizer != "none" and self.importance_blocks < 1:
+            raise ValueError("importance_blocks must be >= 1 with a regularizer")
+
+
+def resolve_start(model: str, objective: str = "auto") -> str:
+    """default/base -> the converted packaged SmolLM2 (minilm, or default with objective mlm ->
+    the packaged MiniLM); a registered name -> its folder; a folder; else a Hugging Face id."""
+    from rag_app.embed import packaged_minilm_path
+    from rag_app.generate import ensure_base_checkpoint, resolve_generator_path
+    from rag_app.models import ModelRegistry, is_adapter_dir
+
+    from .lm_eval import MINILM_ALIASES
+
+    if model in MINILM_ALIASES or (model in ("default", "base") and objective == "mlm"):
+        return packaged_minilm_path()
+    if model in ("default", "base"):
+        return str(ensure_base_checkpoint())
+    try:
+        path = ModelRegistry().get(model)["path"]
+    except ValueError:
+        path = model
+    if Path(path).is_dir():
+        if is_adapter_dir(path):
+            raise ValueError(f"{model!r} is a LoRA adapter: merge it first (`rag model merge "
+                             f"{model}`) and start from the merged model")
+        return str(path)
+    return resolve_generator_path(model)
+
+
+def lineage(start: str, step: dict) -> list[dict]:
+    """The starting model's lineage (from its manifest.json, if any) + this step."""
+    prev: list = []
+    mf = Path(start) / "manifest.json"
+    if mf.is_file():
+        try:
+            prev = list(json.loads(mf.read_text()).get("data", {}).get("lineage") or [])
+        except (json.JSONDecodeError, AttributeError):
+            prev = []
+    if not prev:
+        conv = Path(start) / "conversion.json"
+        origin = json.loads(conv.read_text()) if conv.is_file() else {}
+        prev = [{"model": start} | ({"converted_from": origin} if origin else {})]
+    return prev + [step]
+
+
+class SavedLM:
+    """Saves a model AND its tokenizer (what save_and_register calls save_pretrained on)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def apply_lora(model, cfg: PretrainConfig, objective: str):
+    from peft import LoraConfig, get_peft_model
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    layers = list(range(max(n - cfg.lora_layers, 0), n)) if cfg.lora_layers and n else None
+    targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()] or None
+    model = get_peft_model(model, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets, layers_to_transform=layers, bias="none",
+        task_type="CAUSAL_LM" if objective == "clm" else None))
+    if objective == "mlm":  # a new MLM head must learn: its transform and bias train fully
+        for name, p in model.named_parameters():
+            if "cls.predictions.transform" in name or name.endswith("cls.predictions.bias"):
+                p.requires_grad = True
+    return model
+
+
+def measure(model, tokenizer, objective: str, blocks: dict, cfg: PretrainConfig) -> dict:
+    from .lm_eval import perplexity
+
+    return {name: perplexity(model, tokenizer, b, objective, cfg.eval_batch_size,
+                             cfg.mlm_probability, cfg.split_seed)  # masks as `rag eval lm`
+            for name, b in blocks.items() if b}
+
+
+def importance(model, tokenizer, objective: str, blocks: list, cfg: PretrainConfig) -> dict:
+    from . import regularizers as R
+    from .lm_eval import lm_batches
+
+    if cfg.regularizer == "ewc":
+        raw = R.fisher_diagonal(model, lm_batches(blocks, objective, tokenizer, 1,
+                                                  cfg.mlm_probability, cfg.seed))
+        how = (f"EWC: diagonal empirical Fisher, mean of squared per-block gradients over "
+               f"{len(blocks)} general-text blocks at the starting weights")
+    else:
+        raw = R.si_importance(model, lm_batches(blocks, objective, tokenizer, cfg.batch_size,
+                                                cfg.mlm_probability, cfg.seed),
+                              cfg.si_steps, cfg.si_lr, cfg.si_xi)
+        how = (f"SI: path integral over a short pass of {cfg.si_steps} Adam steps (lr "
+               f"{cfg.si_lr}) on {len(blocks)} general-text blocks from the starting weights "
+               f"(the original pre-training run is unavailable); weights restored afterwards; "
+               f"omega = max(0, sum(-g*dtheta)) / (Delta^2 + {cfg.si_xi})")
+    imp, div = R.normalize(raw, cfg.importance_norm)
+    return {"importance": imp, "info": {"kind": cfg.regularizer, "lambda": cfg.reg_lambda,
+                                        "how": how, "normalised_by": cfg.importance_norm,
+                                        "raw_divisor": div, "blocks": len(blocks),
+                                        "penalised": R.summarize(imp)}}
+
+
+def describe(cfg: PretrainConfig, start: str, objective: str, split: tuple, train_blocks: list,
+             evals: dict, reg_info: dict, info: dict) -> dict:
+    """The manifest's data section: objective, split, blocks, regularizer, head, lineage."""
+    step = {"training_type": "pretrain", "name": cfg.name, "objective": objective,
+            "regularizer": cfg.regularizer, "lora": cfg.lora, "max_steps": cfg.max_steps,
+            "train_tokens": len(train_blocks) * cfg.block_size, "domain_text": cfg.domain_text}
+    return {"objective": objective, "domain_text": cfg.domain_text,
+            "split": {"by": "document (seeded hash of the document key)",
+                      "split_seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction,
+                      "train_documents": len(split[0]), "heldout_documents": len(split[1]),
+                      "always_heldout": "pubmedqa_heldout_pmids, medquad_test_titles"},
+            "train_blocks": len(train_blocks), "block_size": cfg.block_size,
+            "general_text": GENERAL_SOURCE, "eval_blocks": {k: len(v) for k, v in evals.items()},
+            "regularizer": reg_info,
+            "training": "LoRA, merged into the saved checkpoint" if cfg.lora else "full",
+            "lineage": lineage(start, step)} | ({"mlm_head": info["mlm_head"]}
+                                               if "mlm_head" in info else {})
+
+
+def _cached(path: Path, make, resume: bool):
+    """make() once per run folder: a resumed run reuses what the first attempt measured at the
+    starting weights (perplexity before, importance)."""
+    import torch
+
+    if resume and path.is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    torch.save(value, path)
+    return value
+
+
+def make_trainer(cfg, model, tokenizer, objective, train_blocks, out, progress, penalty):
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from .regularizers import penalty_trainer_class
+
+    if objective == "clm":
+        def collate(features):
+            ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+            return {"input_ids": ids, "labels": ids.clone()}
+    else:
+        collate = DataCollatorForLanguageModeling(tokenizer, mlm=True,
+                                                  mlm_probability=cfg.mlm_probability)
+    args = trainer_args_common(cfg, out, False)
+    args.update(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                remove_unused_columns=False)
+    return penalty_trainer_class()(
+        model=model, args=TrainingArguments(**args), data_collator=collate,
+        train_dataset=Dataset.from_dict({"input_ids": train_blocks}), callbacks=[progress],
+        penalty=penalty)
+
+
+def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | None = None,
+        resume: bool = False, activate: bool = False) -> dict:
+    """The whole run (see the module docstring); returns finish_run's dict + "before"/"after"."""
+    from .lm_eval import load_lm, plot_lm
+    from .lmdata import pack, text_split
+    from .regularizers import QuadraticPenalty
+
+    t0, out, progress, last = start_run("pretrain", cfg, output, progress_file, resume)
+    try:
+        start = resolve_start(cfg.base_model, cfg.objective)
+        model, tok, objective, info = load_lm(start, cfg.objective)
+        model.train()
+        train_docs, held_docs = text_split(cfg.domain_text, cfg.heldout_fraction, cfg.split_seed)
+        gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
+        n_train = cfg.train_blocks or \
+            cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+        train_blocks = pack([d.text for d in train_docs], tok, cfg.block_size, n_train)
+        evals = {"domain-heldout": pack([d.text for d in held_docs], tok, cfg.block_size,
+                                        cfg.eval_blocks) if cfg.eval_blocks else [],
+                 "general": pack([d.text for d in gen_held], tok, cfg.block_size,
+                                 cfg.general_eval_blocks) if cfg.general_eval_blocks else []}
+        before = _cached(out / "lm_eval_before.pt",
+                         lambda: measure(model, tok, objective, evals, cfg), bool(last))
+        progress.emit("eval", 0, cfg.max_steps, metrics={f"{k}_ppl_before": v["perplexity"]
+                                                         for k, v in before.items()})
+        if cfg.lora:
+            set_seed(cfg.seed)
+            model = apply_lora(model, cfg, objective)
+        penalty, reg_info = None, {"kind": "none"}
+        if cfg.regularizer != "none":
+            imp_blocks = pack([d.text for d in gen_train], tok, cfg.block_size,
+                              cfg.importance_blocks)
+            imp = _cached(out / f"importance-{cfg.regularizer}.pt",
+                          lambda: importance(model, tok, objective, imp_blocks, cfg), bool(last))
+            penalty, reg_info = QuadraticPenalty(model, imp["importance"], cfg.reg_lambda), \
+                imp["info"]
+        manifest = RunManifest("pretrain", start, asdict(cfg), cfg.seed, data=describe(
+            cfg, start, objective, (train_docs, held_docs), train_blocks, evals, reg_info, info))
+        manifest.metrics_before = before
+        trainer = make_trainer(cfg, model, tok, objective, train_blocks, out, progress, penalty)
+        trainer.train(resume_from_checkpoint=last)
+        final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        after = measure(final, tok, objective, evals, cfg)
+        penalties = [r["penalty"] for r in trainer.state.log_history if "penalty" in r]
+        manifest.metrics_after = after | {
+            "train_loss_first": progress.losses[0][1] if progress.losses else None,
+            "train_loss_last": progress.losses[-1][1] if progress.losses else None,
+            "penalty_last": penalties[-1] if penalties else None,
+            "train_loss_log": progress.losses}
+        report = {"title": f"continued pre-training ({objective}, {cfg.regularizer}, "
+                           f"{trainer.state.global_step} steps)",
+                  "models": {"before": before, "after": after}, "config": asdict(cfg)}
+        (out / "lm_eval.json").write_text(json.dumps(report, indent=2))
+        if before:
+            plot_lm(report, str(out / "lm_eval.png"))
+        summary = {f"{k}_ppl_{when}": m[k]["perplexity"] for when, m in
+                   (("before", before), ("after", after)) for k in m}
+        summary |= {k: manifest.metrics_after[k] for k in ("train_loss_first", "train_loss_last",
+                                                           "penalty_last")}
+        progress.emit("eval", trainer.state.global_step, cfg.max_steps, metrics=summary)
+        final.eval()
+        res = finish_run(SavedLM(final, tok), trainer, progress, manifest, "base", "pretrain",
+                         cfg, activate, out, t0, summary, folder="pretrained")
+        return res | {"before": before, "after": after, "model": final, "tokenizer": tok}
+    except Exception as e:
+        progress.error(f"{type(e).__name__}: {e}")
+        raise
