@@ -75,11 +75,14 @@ def _add_eval(sub) -> None:
     esub = p.add_subparsers(dest="what", required=True)
     r = esub.add_parser("retrieval", help="Recall@1/5/10/100, MRR@10, nDCG@10")
     r.add_argument("--dataset", default="pubmedqa-trainval",
-                   help="pubmedqa-trainval | medquad-test (ignored with --queries)")
+                   help="pubmedqa-trainval | medquad-test (ignored with --queries); "
+                   "medquad-dev (training side) for choosing settings")
     r.add_argument("--queries", help="jsonl {id, question}")
     r.add_argument("--qrels", help="tsv query_id<TAB>passage_id[<TAB>grade]")
     r.add_argument("--index", default="default")
     r.add_argument("--modes", default="bm25,dense,hybrid")
+    r.add_argument("--dense-weight", type=float, help="share of the dense ranking in the "
+                   "hybrid fusion (default: the product's setting)")
     r.add_argument("--limit", type=int, help="first N queries only")
     r.add_argument("--out", help="write the results as JSON here")
     q = esub.add_parser("qa", help="answer held-out questions and score the answers")

@@ -40,12 +40,19 @@ INDEX_TYPES = ("flat", "hnsw", "ivf")
 RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
 
 
+DENSE_WEIGHT = 0.7
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     mode: str = "hybrid"
     top_k: int = 5  # sources given to the generator
     candidates: int = 50  # per retriever, before fusion and reranking
     rrf_k: int = 60
+    # share of the dense ranking in the fusion (0.5 = classic RRF). Chosen on the medquad-dev
+    # split (training side, never an evaluation set): `rag eval retrieval --dataset
+    # medquad-dev --dense-weight W` for W in 0.5..0.8
+    dense_weight: float = DENSE_WEIGHT
     weak_threshold: float = 0.35  # best rerank score below this = weak evidence
 
     def __post_init__(self):
@@ -54,6 +61,7 @@ class RetrievalConfig:
         _check(1 <= self.top_k <= 50, "top_k", self.top_k, "use 1..50")
         _check(self.candidates >= self.top_k, "candidates", self.candidates, "use >= top_k")
         _check(self.rrf_k > 0, "rrf_k", self.rrf_k, "use a positive integer")
+        _check(0.0 <= self.dense_weight <= 1.0, "dense_weight", self.dense_weight, "use 0..1")
 
 
 @dataclass(frozen=True)

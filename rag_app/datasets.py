@@ -14,7 +14,7 @@ from .config import shared_data_dir
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 MEDQUAD_TEST_FILE = SPLITS_DIR / "medquad_test_titles.txt"
 PUBMEDQA_HELDOUT_FILE = SPLITS_DIR / "pubmedqa_heldout_pmids.txt"
-DATASETS = ("pubmedqa-trainval", "medquad-test")
+DATASETS = ("pubmedqa-trainval", "medquad-test", "medquad-dev")
 
 
 @dataclass
@@ -74,11 +74,15 @@ def load_retrieval_dataset(name: str, limit: int | None = None) -> RetrievalData
             for row in csv.DictReader(f, delimiter="\t"):
                 if int(row["grade"]) > 0:
                     qrels.setdefault(row["query_id"], set()).add(row["passage_id"])
-    elif name == "medquad-test":
+    elif name in ("medquad-test", "medquad-dev"):
+        # dev: a fixed ~10% of the TRAINING-side foci, for choosing settings (fusion weight);
+        # results on it are never reported as evaluation results
         test = medquad_test_titles()
+        keep = ((lambda t: t in test) if name == "medquad-test"
+                else (lambda t: t not in test and _bucket(t, 10) == 1))
         queries, qrels, by_text = {}, {}, {}
         for r in medquad_records():
-            if r["title"] not in test or not r.get("question"):
+            if not keep(r["title"]) or not r.get("question"):
                 continue
             key = (r["title"], r["question"].strip())
             qid = by_text.setdefault(key, r["pid"])

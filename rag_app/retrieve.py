@@ -8,12 +8,15 @@ from .index import ChunkIndex, _bm25_tokens
 from .types import Chunk
 
 
-def rrf_fuse(rankings: list[list[int]], k: int = 60) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: sum over rankings of 1 / (k + rank), rank starting at 1."""
+def rrf_fuse(rankings: list[list[int]], k: int = 60,
+             weights: list[float] | None = None) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: sum over rankings of weight / (k + rank), rank starting at 1
+    (equal weights: the classic RRF)."""
+    weights = weights or [1.0] * len(rankings)
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, w in zip(rankings, weights):
         for rank, row in enumerate(ranking, start=1):
-            scores[row] = scores.get(row, 0.0) + 1.0 / (k + rank)
+            scores[row] = scores.get(row, 0.0) + w / (k + rank)
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -64,8 +67,9 @@ class Retriever:
             elif mode == "bm25":
                 ranked = sparse[qi]
             else:
+                w = self.config.dense_weight
                 ranked = rrf_fuse([[r for r, _ in dense[qi]], [r for r, _ in sparse[qi]]],
-                                  self.config.rrf_k)
+                                  self.config.rrf_k, [w, 1.0 - w])
             chunks = []
             for row, score in ranked[:k]:
                 c = self.index.chunks[row].with_score(score, mode)

@@ -28,6 +28,23 @@ def test_rrf_fusion_rewards_agreement():
     assert {r for r, _ in fused} == {1, 2, 3, 4, 9}
 
 
+def test_weighted_rrf_leans_on_the_heavier_ranking():
+    # equal weights: a tie broken by row id; dense weight 0.7: the dense top row wins
+    assert rrf_fuse([[1, 2], [2, 1]], k=60)[0][1] == pytest.approx(rrf_fuse([[1, 2], [2, 1]])[1][1])
+    fused = rrf_fuse([[1, 2], [2, 1]], k=60, weights=[0.7, 0.3])
+    assert fused[0][0] == 1 and fused[0][1] == pytest.approx(0.7 / 61 + 0.3 / 62)
+
+
+def test_fusion_dev_split_is_training_side_and_disjoint_from_the_test_split():
+    from rag_app.datasets import load_retrieval_dataset, medquad_records, medquad_test_titles
+
+    dev, test = load_retrieval_dataset("medquad-dev"), load_retrieval_dataset("medquad-test")
+    title = {r["pid"]: r["title"] for r in medquad_records()}
+    dev_titles = {title[p] for rel in dev.qrels.values() for p in rel}
+    assert len(dev.queries) > 500 and not dev_titles & medquad_test_titles()
+    assert not set(dev.queries) & set(test.queries)
+
+
 def test_qa_metrics():
     assert token_f1("The cat sat", "a cat sat down") == pytest.approx(2 * (2 / 2) * (2 / 3) / (1 + 2 / 3))
     assert yes_no_maybe("Yes. Telephone counselling helped [1].") == "yes"
