@@ -2,6 +2,9 @@
 else the bi-encoder cosine between the question and each chunk's stored vector."""
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 from .index import ChunkIndex
@@ -21,6 +24,9 @@ class Reranker:
         self.embedder = embedder
         self.model_ref = model
         self._cross = None
+        self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.cache_size = 4096  # (question, chunk id) -> classifier score
         self.kind = "cross-encoder" if model else "bi-encoder"
         self.weak_threshold = weak_threshold if weak_threshold is not None else (
             CLASSIFIER_WEAK if model else COSINE_WEAK)
@@ -43,9 +49,7 @@ class Reranker:
         if not chunks:
             return np.zeros(0, dtype=np.float32)
         if self.model_ref:
-            pairs = [(question, f"{c.title}\n{c.text}") for c in chunks]
-            return np.asarray(self.cross_encoder.predict(pairs, show_progress_bar=False),
-                              dtype=np.float32).reshape(-1)
+            return self._cross_scores(question, chunks)
         if query_vec is None:
             query_vec = self.embedder.encode([question])[0]
         if self.index.faiss is None:  # provisional keyword-only index: embed the candidates
@@ -53,6 +57,25 @@ class Reranker:
         else:
             vecs = self.index.vectors([self.index.row_of(c.id) for c in chunks])
         return vecs @ np.asarray(query_vec, dtype=np.float32)
+
+    def _cross_scores(self, question: str, chunks: list[Chunk]) -> np.ndarray:
+        """Classifier scores, cached per (question, chunk): asking again, or answering the same
+        question with another generator (base vs tuned, QA evaluation), scores nothing twice."""
+        with self._cache_lock:
+            known = {c.id: self._cache[(question, c.id)] for c in chunks
+                     if (question, c.id) in self._cache}
+        todo = [c for c in chunks if c.id not in known]
+        if todo:
+            pairs = [(question, f"{c.title}\n{c.text}") for c in todo]
+            new = np.asarray(self.cross_encoder.predict(pairs, show_progress_bar=False),
+                             dtype=np.float32).reshape(-1)
+            with self._cache_lock:
+                for c, v in zip(todo, new):
+                    known[c.id] = float(v)
+                    self._cache[(question, c.id)] = float(v)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return np.array([known[c.id] for c in chunks], dtype=np.float32)
 
     def rerank(self, question: str, chunks: list[Chunk], top_k: int,
                query_vec: np.ndarray | None = None) -> list[Chunk]:

@@ -84,6 +84,15 @@ def test_reranker_uses_registered_model(tiny_run, small_index, embedder):
         top = rr.rerank("What is asthma?", cands, 3)
         assert len(top) == 3 and all(0 <= c.scores["rerank"] <= 1 for c in top)
         assert rr.weak_threshold == 0.5 and entry["kind"] == "relevance"
+        # scores are cached per (question, chunk): a second pass calls the model for the
+        # new chunk only, and gives the same scores
+        first = rr.score("What is asthma?", cands)
+        calls = []
+        predict = rr.cross_encoder.predict
+        rr.cross_encoder.predict = lambda pairs, **kw: calls.append(len(pairs)) or \
+            predict(pairs, **kw)
+        again = rr.score("What is asthma?", small_index.chunks[:6])
+        assert calls == [1] and np.allclose(again[:5], first)
     finally:
         ModelRegistry().rollback("relevance")
 
