@@ -121,11 +121,11 @@ def main() -> int:
         script.write_text(BURNER)
         recipes = tmp / "recipes"
         recipes.mkdir()
-        (recipes / "relevance-bench.yaml").write_text("max_steps: 1\n")
+        (recipes / "relevance-tiny.yaml").write_text("max_steps: 1\n")
         runner = JobRunner(command=lambda k, r, p, o: [sys.executable, str(script), k,
                                                        "--recipe", r, "--progress-file", p,
                                                        "--output", o], recipes_dir=recipes)
-        recipe = "relevance-bench.yaml"
+        recipe = "relevance-tiny.yaml"
     else:
         runner, recipe = JobRunner(), "relevance-tiny.yaml"
 
