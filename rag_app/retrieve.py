@@ -1,11 +1,16 @@
 """Dense (FAISS) and BM25 retrieval, fused by reciprocal rank fusion -> scored Chunks."""
 from __future__ import annotations
 
+import os
+
+import faiss
 import numpy as np
 
 from .config import RETRIEVAL_MODES, RetrievalConfig
 from .index import ChunkIndex, _bm25_tokens
 from .types import Chunk
+
+_CPUS = os.cpu_count() or 1
 
 
 def rrf_fuse(rankings: list[list[int]], k: int = 60,
@@ -30,6 +35,9 @@ class Retriever:
                    query_vecs: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
         vecs = self.embedder.encode(queries) if query_vecs is None else query_vecs
         k = min(k, len(self.index))
+        # a few queries: one FAISS thread. Its OpenMP workers would otherwise spin after the
+        # search and slow the next query embedding (torch's own pool) on a 2-core machine
+        faiss.omp_set_num_threads(1 if len(vecs) <= 8 else _CPUS)
         scores, rows = self.index.faiss.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
         return [[(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0]
                 for rr, ss in zip(rows, scores)]
