@@ -288,26 +288,34 @@ def eval_table(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["mode", *EVAL_COLUMNS])
 
 
-def eval_figure(result: dict):
-    """Grouped bars: recall@10, MRR@10 and nDCG@10 per retrieval mode."""
+def grouped_bars(series: dict[str, dict], metrics: list[str], title: str,
+                 figsize=(6, 3.2), fontsize=None):
+    """One group of bars per metric, one bar per series (a mode, a model); values in 0..1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes, metrics = list(result["modes"]), ["recall@10", "mrr@10", "ndcg@10"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    w = 0.8 / max(len(modes), 1)
-    for i, m in enumerate(modes):
+    names = list(series)
+    fig, ax = plt.subplots(figsize=figsize)
+    w = 0.8 / max(len(names), 1)
+    for i, n in enumerate(names):
         ax.bar([j + i * w for j in range(len(metrics))],
-               [result["modes"][m].get(k, 0.0) for k in metrics], w, label=m)
-    ax.set_xticks([j + w * (len(modes) - 1) / 2 for j in range(len(metrics))], metrics)
+               [series[n].get(m) or 0.0 for m in metrics], w, label=n)
+    ax.set_xticks([j + w * (len(names) - 1) / 2 for j in range(len(metrics))], metrics,
+                  fontsize=fontsize)
     ax.set_ylim(0, 1)
-    ax.set_title(f"{result['dataset']} on {result['index']} ({result['queries']} queries)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def eval_figure(result: dict):
+    """Grouped bars: recall@10, MRR@10 and nDCG@10 per retrieval mode."""
+    return grouped_bars(result["modes"], ["recall@10", "mrr@10", "ndcg@10"],
+                        f"{result['dataset']} on {result['index']} ({result['queries']} queries)")
 
 
 HISTORY_COLUMNS = ("recall@10", "ndcg@10", "accuracy", "rouge_l", "citation_validity")
@@ -372,25 +380,9 @@ def qa_table(result: dict) -> pd.DataFrame:
 
 def qa_figure(result: dict):
     """Grouped bars: base vs tuned on the answer-quality metrics of this dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = [m for m in ("accuracy", "rouge_l", "token_f1", "citation_validity",
                            "answers_with_citation")
                if any(v.get(m) is not None for v in result["models"].values())]
-    systems = list(result["models"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    w = 0.8 / max(len(systems), 1)
-    for i, s in enumerate(systems):
-        ax.bar([j + i * w for j in range(len(metrics))],
-               [result["models"][s].get(m) or 0.0 for m in metrics], w, label=s)
-    ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(len(metrics))], metrics,
-                  fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{result['dataset']} on {result['index']} ({result['queries']} questions)")
-    ax.legend()
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return grouped_bars(result["models"], metrics,
+                        f"{result['dataset']} on {result['index']} ({result['queries']} "
+                        "questions)", figsize=(7, 3.2), fontsize=8)
