@@ -89,3 +89,31 @@ def test_untied_output_embeddings_get_their_own_mean():
         assert not torch.allclose(emb[a["id"]], out[a["id"]])
     with pytest.raises(ValueError, match="already tokens"):
         add_terms(model, tok, terms)
+
+
+def test_rare_term_accuracy_finds_terms_in_either_tokenizer_and_scores_copying(vocab_run,
+                                                                              tokenizer):
+    """`rag eval lm` scores rare domain terms: spans are found whether a term is several pieces
+    (base tokenizer) or one token (adapted); SmolLM2 copies a term it has already seen in the
+    block, so most repeated occurrences are predicted whole, the first one rarely."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.lm_eval import rare_term_accuracy, term_spans
+
+    _, res, _ = vocab_run
+    word = res["added"][0]["term"].strip()
+    text = "".join(f"Case {i}: the patient had {word} on admission. " for i in range(6))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    spans = term_spans([ids], tokenizer, [word])[0]
+    piece_ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    assert len(spans) == 6 and all(ids[a:b] == piece_ids for a, b in spans)
+    adapted = AutoTokenizer.from_pretrained(res["entry"]["path"])
+    a_ids = adapted(text, add_special_tokens=False)["input_ids"]
+    assert [b - a for a, b in term_spans([a_ids], adapted, [word])[0]] == [1] * 6
+    model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
+    acc = rare_term_accuracy(model, tokenizer, [ids], [word])
+    assert acc["term_occurrences"] == 6 and acc["term_tokens"] == 6 * len(piece_ids)
+    assert acc["word_accuracy"] > 0 and acc["token_accuracy"] >= 0.5  # repeats are copied
+    first_only = rare_term_accuracy(model, tokenizer, [ids[:spans[0][1]]], [word])
+    assert first_only["term_occurrences"] == 1 and first_only["word_accuracy"] == 0.0

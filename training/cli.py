@@ -70,6 +70,9 @@ def add_eval_parsers(esub) -> None:
     m.add_argument("--objective", default="auto", choices=["auto", "clm", "mlm"])
     m.add_argument("--split-seed", type=int, default=0, help="as the pretrain run's split_seed")
     m.add_argument("--heldout-fraction", type=float, default=0.05)
+    m.add_argument("--rare-terms", type=int, default=200,
+                   help="causal LMs on domain text: next-token accuracy on the N most frequent "
+                        "rare domain terms (0 = skip)")
     m.add_argument("--out", help="write JSON here (+ a .png plot)")
 
 

@@ -168,6 +168,76 @@ def perplexity(model, tokenizer, blocks, objective: str, batch_size: int = 4,
     return out
 
 
+def rare_terms(tokenizer, n: int = 200, heldout_fraction: float = 0.05,
+               split_seed: int = 0) -> list[str]:
+    """The n most frequent words of the TRAIN side of the domain text that are >= 20x rarer in
+    (or absent from) the train side of the general text and split into >= 2 pieces by
+    `tokenizer` (training/vocab.py: mine_terms). Mined once, with the first model's tokenizer,
+    so every model is scored on the same words."""
+    from .lmdata import text_split
+    from .vocab import mine_terms
+
+    dom, _ = text_split("domain", heldout_fraction, split_seed)
+    gen, _ = text_split("general", heldout_fraction, split_seed)
+    return [r["word"] for r in mine_terms(tokenizer, [d.text for d in dom],
+                                          [g.text for g in gen], n, min_pieces=2)]
+
+
+def term_spans(blocks, tokenizer, words) -> list[list[tuple[int, int]]]:
+    """Per block, the [start, end) token spans where one of `words` occurs, as this tokenizer
+    writes it mid-sentence (a vocabulary-adapted tokenizer may give one token)."""
+    from collections import defaultdict
+
+    from .vocab import term_former
+
+    form = term_former(tokenizer)
+    pats = {tuple(ids) for ids in tokenizer([form(w) for w in words],
+                                            add_special_tokens=False)["input_ids"] if ids}
+    by_first: dict[int, list[tuple]] = defaultdict(list)
+    for p in pats:
+        by_first[p[0]].append(p)
+    out = []
+    for block in blocks:
+        spans, i = [], 1  # position 0 has no context to predict it from
+        while i < len(block):
+            hit = next((p for p in sorted(by_first.get(block[i], ()), key=len, reverse=True)
+                        if tuple(block[i:i + len(p)]) == p), None)
+            if hit:
+                spans.append((i, i + len(hit)))
+                i += len(hit)
+            else:
+                i += 1
+        out.append(spans)
+    return out
+
+
+def rare_term_accuracy(model, tokenizer, blocks, words, batch_size: int = 4) -> dict:
+    """Causal LMs: greedy next-token accuracy on the tokens of rare domain terms in `blocks`
+    (`token_accuracy`), and the share of term occurrences whose every token is predicted
+    (`word_accuracy`, comparable across tokenizers)."""
+    import torch
+
+    spans = term_spans(blocks, tokenizer, words)
+    hit_tok = n_tok = hit_word = n_word = 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[i:i + batch_size], dtype=torch.long)
+            pred = model(input_ids=ids).logits.argmax(-1)
+            for row, sp in enumerate(spans[i:i + batch_size]):
+                for a, b in sp:
+                    ok = pred[row, a - 1:b - 1] == ids[row, a:b]
+                    hit_tok += int(ok.sum())
+                    n_tok += b - a
+                    hit_word += int(ok.all())
+                    n_word += 1
+    model.train(was_training)
+    return {"token_accuracy": round(hit_tok / n_tok, 4) if n_tok else None,
+            "word_accuracy": round(hit_word / n_word, 4) if n_word else None,
+            "term_tokens": n_tok, "term_occurrences": n_word, "terms": len(words)}
+
+
 def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fraction: float = 0.05,
                 split_seed: int = 0) -> list:
     """Blocks of domain-heldout (the corpus's held-out documents), general (held-out chapters
@@ -212,6 +282,7 @@ def run_eval_lm(args) -> dict:
     refs = args.model or ["base"]
     result: dict = {"text": args.text, "block_size": args.block_size, "limit": args.limit,
                     "split_seed": args.split_seed, "models": {}}
+    words = None
     for ref in refs:
         label, _, r = ref.partition("=") if "=" in ref else (ref, "", ref)
         path, adapter = resolve_lm(r)
@@ -219,6 +290,15 @@ def run_eval_lm(args) -> dict:
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
                              args.heldout_fraction, args.split_seed)
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
+        if objective == "clm" and getattr(args, "rare_terms", 0) and args.text != "general":
+            if words is None:
+                words = rare_terms(tok, args.rare_terms, args.heldout_fraction, args.split_seed)
+                result["rare_terms"] = words
+            m["rare_terms"] = rare_term_accuracy(model, tok, blocks, words, args.batch_size)
+            print(f"{label:28s} rare domain terms: next-token accuracy "
+                  f"{m['rare_terms']['token_accuracy']}, whole-word "
+                  f"{m['rare_terms']['word_accuracy']} "
+                  f"({m['rare_terms']['term_occurrences']} occurrences)")
         result["models"][label] = {args.text: m | {"objective": objective, "path": path}}
         if "mlm_head" in info:
             result["models"][label][args.text]["new_mlm_head"] = info["mlm_head"]["new_head"]
