@@ -28,7 +28,8 @@ from rag_app.generate import (BASE_ALIASES, BASE_NAME, ensure_base_checkpoint,
 
 log = logging.getLogger(__name__)
 
-KINDS = ("generator", "relevance", "embedder", "base")  # base: `rag train pretrain|vocab`
+KINDS = ("generator", "relevance", "embedder", "base", "reward")  # base: `rag train
+# pretrain|vocab`; reward: `rag train reward` (read by PPO and `rag eval policy`)
 REGISTRY_FILE = "registry.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 NO_TUNED = ("no tuned generator is registered yet; train one with `rag train instruct` "

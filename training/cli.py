@@ -1,6 +1,6 @@
 """`rag train ...` and the training-side `rag eval ...` commands, plugged into rag_app.cli.
 
-    rag train relevance|retriever|synthetic-queries|instruct|pretrain|vocab
+    rag train relevance|retriever|synthetic-queries|instruct|pretrain|vocab|reward|dpo|ppo
         --recipe training/recipes/X.yaml
         [--set key=value ...] [--max-steps N] [--base-model M] [--name NAME]
         [--output DIR] [--progress-file F] [--resume] [--activate]
@@ -9,6 +9,9 @@
         [--candidates 50] [--out results/X.json]
     rag eval lm --model base|NAME|PATH --text domain-heldout|general|PATH [--limit N]
         [--block-size 256] [--out results/X.json]
+    rag eval reward --model NAME|reward [--model ...] [--pairs 300] [--out results/X.json]
+    rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
+        [--out results/X.json]
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import json
 import time
 from pathlib import Path
 
-TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "pretrain", "vocab")
+TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "pretrain", "vocab",
+               "reward", "dpo", "ppo")
 DEFAULT_RECIPES = {"relevance": "relevance.yaml", "retriever": "retriever.yaml",
                    "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml",
-                   "pretrain": "pretrain.yaml", "vocab": "vocab.yaml"}
+                   "pretrain": "pretrain.yaml", "vocab": "vocab.yaml", "reward": "reward.yaml",
+                   "dpo": "dpo.yaml", "ppo": "ppo.yaml"}
 
 
 def add_train_parser(sub) -> None:
@@ -74,6 +79,20 @@ def add_eval_parsers(esub) -> None:
                    help="causal LMs on domain text: next-token accuracy on the N most frequent "
                         "rare domain terms (0 = skip)")
     m.add_argument("--out", help="write JSON here (+ a .png plot)")
+    w = esub.add_parser("reward", help="reward models: held-out pairwise accuracy per origin")
+    w.add_argument("--model", action="append", default=[],
+                   help="reward (the active one) | untrained | registered name | path "
+                        "(repeatable; NAME=REF to label)")
+    w.add_argument("--pairs", type=int, default=300, help="data-derived pairs per split")
+    w.add_argument("--out", help="write JSON here (+ a .png plot)")
+    o = esub.add_parser("policy", help="generators as policies: reward, rubric, win rate, KL")
+    o.add_argument("--model", action="append", default=[],
+                   help="base | tuned | registered name | path; the FIRST is the reference "
+                        "for win rates (repeatable; NAME=REF to label)")
+    o.add_argument("--reward", default="reward", help="reward model (default: the active one)")
+    o.add_argument("--n", type=int, default=24, help="held-out prompts (eval split)")
+    o.add_argument("--max-new-tokens", type=int, default=64)
+    o.add_argument("--out", help="write JSON here (+ a .png plot)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -122,6 +141,12 @@ def run_train(args) -> int:
         from .pretrain import PretrainConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "vocab":
         from .vocab import VocabConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "reward":
+        from .reward import RewardConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "dpo":
+        from .dpo import DPOConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "ppo":
+        from .ppo import PPOConfig as RelevanceConfig, run  # noqa: N814
     else:
         raise ValueError(f"unknown training type {args.kind!r}: choose one of {TRAIN_TYPES}")
     cfg = _train_config(args, RelevanceConfig)
@@ -206,6 +231,17 @@ def run_eval(args) -> int:
                            args.limit, args.candidates)
         print_ranking(res)
         _save(args.out, res, plot_ranking)
+        return 0
+    if args.what == "reward":
+        from .rlhf_eval import eval_reward, plot_reward_eval, save
+
+        save(args.out, eval_reward(args.model or ["reward"], args.pairs), plot_reward_eval)
+        return 0
+    if args.what == "policy":
+        from .rlhf_eval import eval_policy, plot_policy, save
+
+        save(args.out, eval_policy(args.model or ["base", "tuned"], args.reward, args.n,
+                                   max_new_tokens=args.max_new_tokens), plot_policy)
         return 0
     if args.what == "lm":
         from .lm_eval import run_eval_lm
