@@ -460,11 +460,13 @@ def run(cfg: PPOConfig, output: str | None = None, progress_file: str | None = N
             step, kl_ctl.coef, history = js["step"], js["kl_coef"], js["history"]
             moments.mean, moments.var, moments.count = js["moments"]
             manifest.metrics_before = js.get("before", {})
-        if not manifest.metrics_before:
+        progress.emit("start", step, cfg.max_steps, output=str(out))
+        if not manifest.metrics_before:  # the start policy = the adapter disabled
             with model.disable_adapter():
                 before = evaluate_policy(model, tok, held, scorer, cfg.max_new_tokens)
             manifest.metrics_before = before
-        progress.emit("start", step, cfg.max_steps, output=str(out))
+            progress.emit("eval", step, cfg.max_steps, metrics={
+                "before_" + k: v for k, v in before.items() if isinstance(v, float)})
         stopped = ""
         t_loop = time.time()
         first = step
