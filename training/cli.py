@@ -233,14 +233,14 @@ def run_eval(args) -> int:
         _save(args.out, res, plot_ranking)
         return 0
     if args.what == "reward":
-        from .rlhf_eval import eval_reward, plot_reward_eval, save
+        from .rlhf_eval import eval_reward, plot_reward_eval
 
-        save(args.out, eval_reward(args.model or ["reward"], args.pairs), plot_reward_eval)
+        _save(args.out, eval_reward(args.model or ["reward"], args.pairs), plot_reward_eval)
         return 0
     if args.what == "policy":
-        from .rlhf_eval import eval_policy, plot_policy, save
+        from .rlhf_eval import eval_policy, plot_policy
 
-        save(args.out, eval_policy(args.model or ["base", "tuned"], args.reward, args.n,
+        _save(args.out, eval_policy(args.model or ["base", "tuned"], args.reward, args.n,
                                    max_new_tokens=args.max_new_tokens), plot_policy)
         return 0
     if args.what == "lm":

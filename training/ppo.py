@@ -290,7 +290,7 @@ def ppo_step(model, head, opt, tok, recs, scorer, kl_ctl, moments, cfg: PPOConfi
     with torch.no_grad():
         old_logp, old_values = forward(model, head, ids, att, P)
         with model.disable_adapter():
-            ref_logp, _ = forward(model, head, ids, att, P, with_values=False)
+            ref_logp, _ = forward(model, None, ids, att, P, with_values=False)
     kl = kl_per_token(old_logp, ref_logp) * mask
     rewards = per_token_rewards(total, kl, kl_ctl.coef, mask)
     adv, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
@@ -364,14 +364,13 @@ def evaluate_policy(model, tok, recs, scorer, max_new_tokens: int) -> dict:
     rub = [rubric_score(t, r["sources"], r["gold_numbers"]) for t, r in zip(texts, recs)]
     kls = []
     if hasattr(model, "disable_adapter"):
-        head = ValueHead(model.config.hidden_size)
         with torch.no_grad():
             for i in range(0, len(recs), 4):
                 ids, att, mask, P = collate(tok, [r["prompt"] for r in recs[i:i + 4]],
                                             gen[i:i + 4])
-                lp, _ = forward(model, head, ids, att, P, with_values=False)
+                lp, _ = forward(model, None, ids, att, P, with_values=False)
                 with model.disable_adapter():
-                    ref, _ = forward(model, head, ids, att, P, with_values=False)
+                    ref, _ = forward(model, None, ids, att, P, with_values=False)
                 kls += (kl_per_token(lp, ref) * mask).sum(1).tolist()
     n = max(len(recs), 1)
     return {"score": sum(scores) / n, "rubric": sum(r["total"] for r in rub) / n,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .common import RunManifest, TrainConfig, finish_run, set_seed, start_run, trainer_args_common
+from .pretrain import SavedLM
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def run(cfg: RewardConfig, output: str | None = None, progress_file: str | None 
                    "heldout_accuracy_before": manifest.metrics_before["heldout"]["accuracy"],
                    "by_origin": {k: v["accuracy"] for k, v in after["by_origin"].items()}}
         manifest.metrics_after["summary"] = summary
-        res = finish_run(_WithTokenizer(trainer.model, tok), trainer, progress, manifest,
+        res = finish_run(SavedLM(trainer.model, tok), trainer, progress, manifest,
                          "reward", "reward", cfg, activate, out, t0, summary)
         plot_reward(manifest.to_dict(), str(out / "reward.png"))
         return res
@@ -271,15 +272,6 @@ def _fit(tok, row: dict, max_length: int) -> str:
         prompt = " ".join(words[:-cut]) + "\nAnswer: " + tail
         n = len(tok(prompt + longer)["input_ids"]) + 1
     return prompt
-
-
-class _WithTokenizer:
-    def __init__(self, model, tok):
-        self.model, self.tok = model, tok
-
-    def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path)
-        self.tok.save_pretrained(path)
 
 
 def plot_reward(manifest: dict, path: str) -> None:

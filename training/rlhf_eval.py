@@ -11,9 +11,6 @@
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 
 def eval_reward(refs: list[str], n_pairs: int = 300, seed: int = 0) -> dict:
     from .data import data_pairs, describe_preferences
@@ -95,12 +92,3 @@ def plot_reward_eval(result: dict, path: str) -> None:
     fig = grouped_bars(series, origins, "reward models: held-out pairwise accuracy",
                        figsize=(9, 3.4), fontsize=7)
     fig.savefig(path, dpi=100)
-
-
-def save(out: str | None, result: dict, plot) -> None:
-    if not out:
-        return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2, default=str))
-    plot(result, str(Path(out).with_suffix(".png")))
-    print(f"saved {out} and {Path(out).with_suffix('.png')}")
