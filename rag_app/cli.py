@@ -81,8 +81,11 @@ def _add_eval(sub) -> None:
     r.add_argument("--qrels", help="tsv query_id<TAB>passage_id[<TAB>grade]")
     r.add_argument("--index", default="default")
     r.add_argument("--modes", default="bm25,dense,hybrid")
-    r.add_argument("--dense-weight", type=float, help="share of the dense ranking in the "
-                   "hybrid fusion (default: the product's setting)")
+    r.add_argument("--fusion", choices=["cc", "rrf"], default="cc",
+                   help="hybrid fusion: cc = convex combination of min-max normalised scores "
+                   "(the product's default), rrf = weighted reciprocal rank fusion")
+    r.add_argument("--dense-weight", type=float, help="share of dense in the hybrid fusion "
+                   "(default: the product's setting for that fusion)")
     r.add_argument("--limit", type=int, help="first N queries only")
     r.add_argument("--out", help="write the results as JSON here")
     q = esub.add_parser("qa", help="answer held-out questions and score the answers")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import DENSE_WEIGHT, RetrievalConfig
+from .config import RetrievalConfig
 from .datasets import load_retrieval_dataset, load_retrieval_files
 from .evaluate import run_retrieval, retrieval_metrics
 
@@ -48,13 +48,15 @@ def eval_retrieval(args) -> int:
 
     ds = (load_retrieval_files(args.queries, args.qrels) if args.queries
           else load_retrieval_dataset(args.dataset, args.limit))
-    w = args.dense_weight if getattr(args, "dense_weight", None) is not None else DENSE_WEIGHT
-    pipe = RagPipeline(args.index, retrieval=RetrievalConfig(candidates=200, dense_weight=w))
+    cfg = RetrievalConfig(candidates=200, fusion=getattr(args, "fusion", None) or "cc",
+                          dense_weight=getattr(args, "dense_weight", None))
+    w = cfg.weight
+    pipe = RagPipeline(args.index, retrieval=cfg)
     result = {"dataset": ds.name, "index": args.index, "queries": len(ds.queries),
-              "dense_weight": w,
+              "fusion": cfg.fusion, "dense_weight": w,
               "embedder": pipe.index.meta["embedder"]["name"], "modes": {}}
     print(f"{ds.name}: {len(ds.queries)} queries, index {args.index} "
-          f"({len(pipe.index)} chunks), hybrid dense weight {w}")
+          f"({len(pipe.index)} chunks), hybrid: {cfg.fusion} fusion, dense weight {w}")
     print(f"{'mode':8s} " + " ".join(f"{c:>10s}" for c in COLUMNS) + "   q/s")
     for mode in args.modes.split(","):
         t = time.perf_counter()

@@ -221,8 +221,11 @@ class ChunkIndex:
 
 
 def check_embedder(meta: dict, embedder_meta: dict, name: str) -> None:
+    """Refuse an embedder whose weights, backend or precision differ from the build's; torch
+    and OpenVINO in fp32 count as the same (their vectors agree to cosine >= 0.99999)."""
     built = meta.get("embedder", {})
-    for key in ("hash", "backend", "precision"):
+    fp32 = built.get("precision", "fp32") == embedder_meta.get("precision") == "fp32"
+    for key in ("hash", "precision") if fp32 else ("hash", "backend", "precision"):
         if built.get(key) != embedder_meta.get(key):
             raise IndexProblem(
                 f"index '{name}' was built with embedder {built.get('name')} "

@@ -1,4 +1,5 @@
-"""Dense (FAISS) and BM25 retrieval, fused by reciprocal rank fusion -> scored Chunks."""
+"""Dense (FAISS) and BM25 retrieval, fused (convex combination of normalised scores, or
+reciprocal rank fusion) -> scored Chunks."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,24 @@ def rrf_fuse(rankings: list[list[int]], k: int = 60,
         for rank, row in enumerate(ranking, start=1):
             scores[row] = scores.get(row, 0.0) + w / (k + rank)
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def cc_fuse(scored: list[list[tuple[int, float]]],
+            weights: list[float] | None = None) -> list[tuple[int, float]]:
+    """Convex combination fusion: each list's scores are min-max normalised over that list
+    (best 1, worst 0), then summed with the weights; a row missing from a list gets 0 there."""
+    weights = weights or [1.0 / len(scored)] * len(scored)
+    fused: dict[int, float] = {}
+    for rows, w in zip(scored, weights):
+        if not rows:
+            continue
+        vals = [s for _, s in rows]
+        lo, hi = min(vals), max(vals)
+        span = hi - lo
+        for row, s in rows:
+            norm = (s - lo) / span if span > 0 else 1.0
+            fused[row] = fused.get(row, 0.0) + w * norm
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 class Retriever:
@@ -75,9 +94,12 @@ class Retriever:
             elif mode == "bm25":
                 ranked = sparse[qi]
             else:
-                w = self.config.dense_weight
-                ranked = rrf_fuse([[r for r, _ in dense[qi]], [r for r, _ in sparse[qi]]],
-                                  self.config.rrf_k, [w, 1.0 - w])
+                w = self.config.weight
+                if self.config.fusion == "cc":
+                    ranked = cc_fuse([dense[qi], sparse[qi]], [w, 1.0 - w])
+                else:
+                    ranked = rrf_fuse([[r for r, _ in dense[qi]], [r for r, _ in sparse[qi]]],
+                                      self.config.rrf_k, [w, 1.0 - w])
             chunks = []
             for row, score in ranked[:k]:
                 c = self.index.chunks[row].with_score(score, mode)

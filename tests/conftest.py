@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_dirs(tmp_path_factory):
     """Indexes and the model registry go to a temporary folder; the converted base model is
-    cached in the repo's models/ folder (gitignored) so it is converted once per machine."""
+    and OpenVINO embedder are cached in the repo's models/ folder (gitignored) so they are
+    converted once per machine."""
     root = tmp_path_factory.mktemp("rag")
     os.environ["RAG_INDEXES_DIR"] = str(root / "indexes")
     models = root / "models"
@@ -26,6 +27,9 @@ def _isolated_dirs(tmp_path_factory):
     cache = REPO / "models" / "base"
     cache.mkdir(parents=True, exist_ok=True)
     (models / "base").symlink_to(cache, target_is_directory=True)
+    ov_cache = REPO / "models" / "openvino"  # the OpenVINO query embedder, converted once
+    ov_cache.mkdir(parents=True, exist_ok=True)
+    (models / "openvino").symlink_to(ov_cache, target_is_directory=True)
     os.environ["RAG_MODELS_DIR"] = str(models)
     yield root
 

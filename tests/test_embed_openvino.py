@@ -126,8 +126,13 @@ def test_index_records_backend(ov_fp32, embedder):
     assert meta["embedder"]["backend"] == "openvino"
     assert meta["embedder"]["precision"] == "fp32"
     assert meta["embedder"]["hash"] == embedder.fingerprint
+    # torch and OpenVINO in fp32 give the same vectors: either may embed the queries; another
+    # precision, or other weights, are refused
+    check_embedder(meta, embedder.describe(), "ov_small")
+    with pytest.raises(IndexProblem, match="rebuild"):
+        check_embedder(meta, {**embedder.describe(), "precision": "int8"}, "ov_small")
     with pytest.raises(IndexProblem):
-        check_embedder(meta, embedder.describe(), "ov_small")
+        check_embedder(meta, {**embedder.describe(), "hash": "0" * 16}, "ov_small")
     again = embedder_for(meta)
     assert isinstance(again, OpenVINOEmbedder) and again.precision == "fp32"
     check_embedder(meta, again.describe(), "ov_small")
@@ -166,3 +171,39 @@ def test_throughput_hint_same_vectors(ov_fp32, passages):
     np.testing.assert_allclose(tp.encode(texts), ov_fp32.encode(texts), atol=1e-5)
     with pytest.raises(ValueError, match="performance_hint"):
         OpenVINOEmbedder(precision="fp32", performance_hint="FAST")
+
+
+def test_queries_of_a_torch_fp32_index_use_openvino_with_the_same_ranking(
+        ov_fp32, embedder, small_index, monkeypatch):
+    """The default query path: an index built with torch fp32 embeds its queries with OpenVINO
+    fp32 (faster for one query), ranks exactly as torch does, and falls back to torch when
+    OpenVINO cannot load; RAG_QUERY_BACKEND=torch keeps torch."""
+    import rag_app.pipeline as pl
+    from rag_app.embed import SentenceTransformerEmbedder
+    from rag_app.embed_openvino import OpenVINOEmbedder
+    from rag_app.index import check_embedder
+
+    meta = small_index.meta
+    assert meta["embedder"]["backend"] == "torch"
+    monkeypatch.delenv("RAG_QUERY_BACKEND", raising=False)
+    q_emb = pl.query_embedder_for(meta)
+    assert isinstance(q_emb, OpenVINOEmbedder) and q_emb.precision == "fp32"
+    check_embedder(meta, q_emb.describe(), "small")
+    a, b = embedder.encode(QUERIES), q_emb.encode(QUERIES)
+    assert float(np.min(np.sum(a * b, axis=1))) > 0.9999
+    np.testing.assert_array_equal(small_index.faiss.search(a, 5)[1],
+                                  small_index.faiss.search(b, 5)[1])
+    assert isinstance(pl.query_embedder_for(meta, "torch"), SentenceTransformerEmbedder)
+    monkeypatch.setenv("RAG_QUERY_BACKEND", "torch")
+    assert isinstance(pl.query_embedder_for(meta), SentenceTransformerEmbedder)
+    with pytest.raises(ValueError, match="query backend"):
+        pl.query_embedder_for(meta, "onnx")
+
+    def broken(*a, **k):
+        raise RuntimeError("no openvino here")
+
+    monkeypatch.setattr(pl, "make_embedder", lambda ref, backend, precision: (
+        broken() if backend == "openvino" else SentenceTransformerEmbedder(ref)))
+    assert isinstance(pl.query_embedder_for(meta, "auto"), SentenceTransformerEmbedder)
+    with pytest.raises(RuntimeError):
+        pl.query_embedder_for(meta, "openvino")

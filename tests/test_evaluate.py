@@ -4,7 +4,7 @@ import pytest
 
 from rag_app.evaluate import (classification_metrics, mrr_at, ndcg_at, recall_at,
                               retrieval_metrics, token_f1, yes_no_maybe)
-from rag_app.retrieve import rrf_fuse
+from rag_app.retrieve import cc_fuse, rrf_fuse
 
 
 def test_retrieval_metrics_on_hand_examples():
@@ -33,6 +33,30 @@ def test_weighted_rrf_leans_on_the_heavier_ranking():
     assert rrf_fuse([[1, 2], [2, 1]], k=60)[0][1] == pytest.approx(rrf_fuse([[1, 2], [2, 1]])[1][1])
     fused = rrf_fuse([[1, 2], [2, 1]], k=60, weights=[0.7, 0.3])
     assert fused[0][0] == 1 and fused[0][1] == pytest.approx(0.7 / 61 + 0.3 / 62)
+
+
+def test_cc_fusion_normalises_each_list_and_weights_them():
+    dense = [(1, 0.9), (2, 0.6), (3, 0.3)]  # normalised 1, 0.5, 0
+    bm25 = [(2, 12.0), (4, 4.0)]  # normalised 1, 0
+    fused = dict(cc_fuse([dense, bm25], [0.5, 0.5]))
+    assert fused == pytest.approx({1: 0.5, 2: 0.75, 3: 0.0, 4: 0.0})
+    assert cc_fuse([dense, bm25], [0.5, 0.5])[0][0] == 2  # strong in both beats top of one
+    # all weight on dense: the dense order; a one-item or empty list does not divide by zero
+    assert [r for r, _ in cc_fuse([dense, bm25], [1.0, 0.0])][:3] == [1, 2, 3]
+    assert cc_fuse([[(7, 3.0)], []], [0.5, 0.5]) == [(7, 0.5)]
+    # scale-free: multiplying the BM25 scores by 100 changes nothing
+    assert cc_fuse([dense, [(r, s * 100) for r, s in bm25]], [0.5, 0.5]) == \
+        cc_fuse([dense, bm25], [0.5, 0.5])
+
+
+def test_retrieval_config_fusion_and_its_default_weight():
+    from rag_app.config import FUSION_WEIGHTS, RetrievalConfig
+
+    assert RetrievalConfig().fusion == "cc" and RetrievalConfig().weight == FUSION_WEIGHTS["cc"]
+    assert RetrievalConfig(fusion="rrf").weight == FUSION_WEIGHTS["rrf"]
+    assert RetrievalConfig(fusion="rrf", dense_weight=0.2).weight == 0.2
+    with pytest.raises(ValueError, match="fusion"):
+        RetrievalConfig(fusion="max")
 
 
 def test_fusion_dev_split_is_training_side_and_disjoint_from_the_test_split():
