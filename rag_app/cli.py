@@ -62,7 +62,9 @@ def _add_model(sub) -> None:
     a = msub.add_parser("activate", help="make NAME the active model of its kind")
     a.add_argument("name")
     r = msub.add_parser("rollback", help="re-activate the previous model of KIND")
-    r.add_argument("kind", choices=["generator", "relevance", "embedder"])
+    from .models import KINDS
+
+    r.add_argument("kind", choices=list(KINDS))
     m = msub.add_parser("merge", help="merge a LoRA generator into a standalone checkpoint")
     m.add_argument("name", help="registered adapter name, or tuned (the active generator)")
     m.add_argument("--out", help="output folder (default <models_dir>/generator/NAME-merged)")

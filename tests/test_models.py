@@ -86,6 +86,19 @@ def test_activate_and_rollback(reg):
         reg.rollback("generator")
 
 
+def test_every_kind_can_roll_back_from_the_cli(reg, monkeypatch, capsys):
+    from rag_app import cli
+    from rag_app.models import KINDS
+
+    monkeypatch.setenv("RAG_MODELS_DIR", str(reg.root))
+    for kind in KINDS:
+        for name in ("a", "b"):
+            reg.register(f"{kind}-{name}", kind, model_dir(reg.root, f"{kind}-{name}"),
+                         activate=True)
+        assert cli.main(["model", "rollback", kind]) == 0
+        assert reg.active(kind)["name"] == f"{kind}-a"
+
+
 def test_set_active_checks_kind_and_name(reg):
     reg.register("r1", "relevance", model_dir(reg.root, "r1"))
     with pytest.raises(ValueError, match="is a relevance model, not a generator"):

@@ -34,6 +34,25 @@ def test_mined_terms_are_domain_frequent_general_rare_and_split(vocab_run, token
     assert json.loads((out / "run" / "terms.json").read_text())[0]["term"] == terms[0]["term"]
 
 
+def test_fertility_falls_with_the_new_tokens_and_unk_rate_counts_wordpiece_unknowns(vocab_run):
+    from transformers import AutoTokenizer
+
+    from rag_app.embed import packaged_minilm_path
+    from training.vocab import fertility
+
+    _, res, _ = vocab_run
+    before = res["manifest"]["metrics_before"]["fertility"]["domain-heldout"]
+    after = res["manifest"]["metrics_after"]["fertility"]["domain-heldout"]
+    assert before["words"] == after["words"] > 0
+    assert after["tokens_per_word"] < before["tokens_per_word"]
+    assert before["unk_rate"] == after["unk_rate"] == 0.0  # byte-level BPE has no UNK
+    wp = AutoTokenizer.from_pretrained(packaged_minilm_path())
+    f = fertility(wp, ["insulin and glucose", "the \u16a0\u16a2\u16a6 rune"])  # runic: [UNK]
+    assert f["words"] == 6 and f["unk_rate"] == pytest.approx(1 / 6, abs=1e-5)
+    assert f["tokens_per_word"] == pytest.approx(1.0)
+    assert fertility(wp, ["cardiomyopathy"])["tokens_per_word"] > 1
+
+
 def test_new_tokens_reload_as_one_token_with_mean_embeddings_and_generate(vocab_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

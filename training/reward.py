@@ -77,7 +77,7 @@ def load_reward_model(path: str, max_length: int = 160):
 
     from .common import resolve_base
 
-    path = resolve_base(path) if path in ("default", "base", "") else path
+    path = resolve_base(path)  # default -> the packaged MiniLM; a registered name -> its folder
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,

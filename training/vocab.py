@@ -146,6 +146,25 @@ def tokens_per_kchar(tokenizer, texts) -> float:
     return round(1000 * n / max(sum(len(t) for t in texts), 1), 2)
 
 
+_WORD = re.compile(r"\w+")
+
+
+def fertility(tokenizer, texts) -> dict:
+    """Tokens per word (words: runs of word characters, any script; each word tokenised as it occurs mid-sentence,
+    see `term_former`) and the share of those tokens that are the UNK token (WordPiece maps
+    unknown characters to [UNK]; byte-level BPE never does)."""
+    form = term_former(tokenizer)
+    words = [w for t in texts for w in _WORD.findall(t)]
+    if not words:
+        return {"tokens_per_word": 0.0, "unk_rate": 0.0, "words": 0}
+    ids = tokenizer([form(w) for w in words], add_special_tokens=False)["input_ids"]
+    n = sum(len(x) for x in ids)
+    unk = tokenizer.unk_token_id
+    n_unk = sum(i == unk for x in ids for i in x) if unk is not None else 0
+    return {"tokens_per_word": round(n / len(words), 4), "unk_rate": round(n_unk / max(n, 1), 6),
+            "words": len(words)}
+
+
 def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None = None,
         resume: bool = False, activate: bool = False) -> dict:
     """Mine -> add -> (bits per char / tokens per 1k chars before and after) -> save tokenizer +
@@ -179,7 +198,8 @@ def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None =
             blocks = {k: pack(v, tok, cfg.block_size, limits[k]) if limits[k] else []
                       for k, v in texts.items()}
             return measure(model, tok, objective, blocks, cfg) | {
-                "tokens_per_kchar": {k: tokens_per_kchar(tok, v[:200]) for k, v in texts.items()}}
+                "tokens_per_kchar": {k: tokens_per_kchar(tok, v[:200]) for k, v in texts.items()},
+                "fertility": {k: fertility(tok, v[:200]) for k, v in texts.items()}}
 
         before = evaluate()
         added = add_terms(model, tok, [t["term"] for t in terms])
