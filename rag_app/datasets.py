@@ -14,6 +14,7 @@ from .config import shared_data_dir
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 MEDQUAD_TEST_FILE = SPLITS_DIR / "medquad_test_titles.txt"
 PUBMEDQA_HELDOUT_FILE = SPLITS_DIR / "pubmedqa_heldout_pmids.txt"
+MEQSUM_HELDOUT_FILE = SPLITS_DIR / "meqsum_heldout_files.txt"
 DATASETS = ("pubmedqa-trainval", "medquad-test", "medquad-dev")
 
 
@@ -64,6 +65,21 @@ def pubmedqa_heldout_pmids() -> set[str]:
         SPLITS_DIR.mkdir(exist_ok=True)
         PUBMEDQA_HELDOUT_FILE.write_text("\n".join(pmids) + "\n", encoding="utf-8")
     return set(PUBMEDQA_HELDOUT_FILE.read_text(encoding="utf-8").splitlines()) - {""}
+
+
+def meqsum_records() -> list[dict]:
+    """MeQSum: {"File", "CHQ" (consumer health question), "Summary"} (1,000 rows)."""
+    return _jsonl(shared_data_dir() / "meqsum" / "meqsum.jsonl")
+
+
+def meqsum_heldout_files() -> set[str]:
+    """A fixed ~1/8 of MeQSum (by a hash of the row's File, 127 rows) kept for summarisation
+    evaluation: `rag train summarize` never trains on it."""
+    if not MEQSUM_HELDOUT_FILE.exists():
+        files = sorted(r["File"] for r in meqsum_records() if _bucket(r["File"], 8) == 0)
+        SPLITS_DIR.mkdir(exist_ok=True)
+        MEQSUM_HELDOUT_FILE.write_text("\n".join(files) + "\n", encoding="utf-8")
+    return set(MEQSUM_HELDOUT_FILE.read_text(encoding="utf-8").splitlines()) - {""}
 
 
 def load_retrieval_dataset(name: str, limit: int | None = None) -> RetrievalDataset:

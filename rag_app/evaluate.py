@@ -109,6 +109,18 @@ def rouge_l(pred: str, gold: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(gold, pred)["rougeL"].fmeasure
 
 
+_ROUGE = {}
+
+
+def rouge_scores(pred: str, gold: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measure (rouge-score, Porter stemming) of `pred` against `gold`."""
+    from rouge_score import rouge_scorer
+
+    if "s" not in _ROUGE:
+        _ROUGE["s"] = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return {k: v.fmeasure for k, v in _ROUGE["s"].score(gold, pred).items()}
+
+
 def yes_no_maybe(answer: str) -> str:
     """The decision an answer states: its first yes/no word, else 'maybe'."""
     first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0].lower()

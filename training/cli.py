@@ -1,6 +1,7 @@
 """`rag train ...` and the training-side `rag eval ...` commands, plugged into rag_app.cli.
 
-    rag train relevance|retriever|synthetic-queries|instruct|pretrain|vocab|reward|dpo|ppo
+    rag train relevance|retriever|synthetic-queries|instruct|summarize|qa|pretrain|vocab|
+              reward|dpo|ppo
         --recipe training/recipes/X.yaml
         [--set key=value ...] [--max-steps N] [--base-model M] [--name NAME]
         [--output DIR] [--progress-file F] [--resume] [--activate]
@@ -12,6 +13,10 @@
     rag eval reward --model NAME|reward [--model ...] [--pairs 300] [--out results/X.json]
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
         [--out results/X.json]
+    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48]
+        [--out results/X.json]
+    rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
+        [--out results/X.json]
 """
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ import json
 import time
 from pathlib import Path
 
-TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "pretrain", "vocab",
-               "reward", "dpo", "ppo")
+TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "summarize", "qa",
+               "pretrain", "vocab", "reward", "dpo", "ppo")
 DEFAULT_RECIPES = {"relevance": "relevance.yaml", "retriever": "retriever.yaml",
                    "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml",
+                   "summarize": "summarize.yaml", "qa": "qa.yaml",
                    "pretrain": "pretrain.yaml", "vocab": "vocab.yaml", "reward": "reward.yaml",
                    "dpo": "dpo.yaml", "ppo": "ppo.yaml"}
 
@@ -93,6 +99,22 @@ def add_eval_parsers(esub) -> None:
     o.add_argument("--n", type=int, default=24, help="held-out prompts (eval split)")
     o.add_argument("--max-new-tokens", type=int, default=64)
     o.add_argument("--out", help="write JSON here (+ a .png plot)")
+    for what, recipe, tokens, about in (
+            ("summarize", "summarize.yaml", 48,
+             "generators: ROUGE-1/2/L of greedy summaries of the held-out MeQSum questions"),
+            ("qa-gold", "qa.yaml", 96, "generators: held-out PubMedQA with the gold abstracts "
+             "(no retrieval): decision accuracy vs the majority class, ROUGE-L")):
+        s = esub.add_parser(what, help=about)
+        s.add_argument("--model", action="append", default=[],
+                       help="base | tuned | registered name | path (repeatable; NAME=REF to "
+                            "label)")
+        s.add_argument("--limit", type=int, default=0, help="first N held-out rows (0 = all)")
+        s.add_argument("--max-new-tokens", type=int, default=tokens)
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--recipe", default=recipe,
+                       help="prompt settings (max_source_tokens) taken from this recipe")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        s.add_argument("--out", help="write JSON here (+ a .png plot)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -137,6 +159,10 @@ def run_train(args) -> int:
         from .synthetic import SyntheticConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "instruct":
         from .instruct import InstructConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "summarize":
+        from .summarize import SummarizeConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "qa":
+        from .qa import QAConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "pretrain":
         from .pretrain import PretrainConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "vocab":
@@ -242,6 +268,22 @@ def run_eval(args) -> int:
 
         _save(args.out, eval_policy(args.model or ["base", "tuned"], args.reward, args.n,
                                    max_new_tokens=args.max_new_tokens), plot_policy)
+        return 0
+    if args.what == "summarize":
+        from .common import load_config
+        from .summarize import SummarizeConfig, eval_summarize, plot_summarize
+
+        cfg = load_config(SummarizeConfig, args.recipe, args.set)
+        _save(args.out, eval_summarize(args.model or ["base", "tuned"], cfg, args.limit,
+                                       args.max_new_tokens, args.batch_size), plot_summarize)
+        return 0
+    if args.what == "qa-gold":
+        from .common import load_config
+        from .qa import QAConfig, eval_qa_gold, plot_qa_gold
+
+        cfg = load_config(QAConfig, args.recipe, args.set)
+        _save(args.out, eval_qa_gold(args.model or ["base", "tuned"], cfg, args.limit,
+                                     args.max_new_tokens, args.batch_size), plot_qa_gold)
         return 0
     if args.what == "lm":
         from .lm_eval import run_eval_lm

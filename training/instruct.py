@@ -23,12 +23,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class InstructConfig(TrainConfig):
+class LoraSFTConfig(TrainConfig):
+    """What every LoRA tuning of the generator shares (instruct here; summarize / qa in
+    training/tasks.py): the base model, the batch, the sequence budget and the LoRA."""
     base_model: str = "default"  # default/base = packaged SmolLM2-135M-Instruct; HF id; path
-    sources: str = "pubmedqa,medquad"
     batch_size: int = 4
     learning_rate: float = 2e-4
     max_length: int = 512  # prompt + completion tokens (examples are built to fit)
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_layers: int = 0  # LoRA on the last N decoder layers only (0 = all): backward stops
+    # there, so a step costs little more than a forward pass (CPU budgets)
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # saves memory, costs one more forward per step
+
+
+@dataclass
+class InstructConfig(LoraSFTConfig):
+    sources: str = "pubmedqa,medquad"
     # data (training/data.py: instruction_examples)
     n_examples: int = 400
     n_val_examples: int = 16  # from the validation slice of the TRAINING groups
@@ -44,15 +59,6 @@ class InstructConfig(TrainConfig):
     sampling: str = "random"  # random | curriculum | hard
     difficulty: str = "heuristic"  # heuristic | loss (base-model loss: one forward/example)
     hard_power: float = 1.0
-    # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    lora_layers: int = 0  # LoRA on the last N decoder layers only (0 = all): backward stops
-    # there, so a step costs little more than a forward pass (CPU budgets)
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False  # saves memory, costs one more forward per step
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,7 +131,7 @@ def to_dataset(examples: list):
                               "completion": [e.completion for e in examples]})
 
 
-def lora_config(cfg: InstructConfig, n_layers: int | None = None):
+def lora_config(cfg: LoraSFTConfig, n_layers: int | None = None):
     from peft import LoraConfig
 
     layers = None
@@ -136,7 +142,7 @@ def lora_config(cfg: InstructConfig, n_layers: int | None = None):
                       layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
 
 
-def make_trainer(cfg: InstructConfig, model, tokenizer, train_examples: list,
+def make_trainer(cfg: LoraSFTConfig, model, tokenizer, train_examples: list,
                  val_examples: list, output: Path, progress: ProgressCallback):
     from trl import SFTConfig, SFTTrainer
 
@@ -161,6 +167,29 @@ def prompt_fingerprint() -> dict:
     return {"module": "rag_app.prompts", "sha1": hashlib.sha1(text.encode()).hexdigest()[:12]}
 
 
+def train_and_register(training_type: str, cfg: LoraSFTConfig, model, tokenizer, train: list,
+                       val: list, manifest: RunManifest, out: Path, progress: ProgressCallback,
+                       last: str | None, activate: bool, t0: float) -> dict:
+    """The shared SFT core of instruct / summarize / qa: LoRA trainer on prompt/completion
+    examples -> eval loss before -> train (resuming from `last`) -> eval loss after -> save the
+    adapter with its manifest, registered as a "generator"."""
+    set_seed(cfg.seed)  # LoRA init independent of the data-building path
+    trainer = make_trainer(cfg, model, tokenizer, train, val, out, progress)
+    if val:
+        manifest.metrics_before = {"eval_loss": trainer.evaluate()["eval_loss"]}
+    trainer.train(resume_from_checkpoint=last)
+    after = {"eval_loss": trainer.evaluate()["eval_loss"]} if val else {}
+    first = progress.losses[0][1] if progress.losses else None
+    final = progress.losses[-1][1] if progress.losses else None
+    manifest.metrics_after = after | {"train_loss_first": first, "train_loss_last": final,
+                                      "train_loss_log": progress.losses}
+    summary = {k: v for k, v in manifest.metrics_after.items() if k != "train_loss_log"}
+    if manifest.metrics_before:
+        summary["base_eval_loss"] = manifest.metrics_before["eval_loss"]
+    return finish_run(trainer.model, trainer, progress, manifest, "generator", training_type,
+                      cfg, activate, out, t0, summary)
+
+
 def run(cfg: InstructConfig, output: str | None = None, progress_file: str | None = None,
         resume: bool = False, activate: bool = False) -> dict:
     """The whole run: examples -> eval loss before -> train -> eval loss after -> save adapter
@@ -183,22 +212,9 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
                                      "val": describe_instructions(val),
                                      "sampling": cfg.sampling, "prompt": prompt_fingerprint(),
                                      "excluded": "pubmedqa_heldout_pmids, medquad_test_titles"})
-        set_seed(cfg.seed)  # LoRA init independent of the data-building path
-        trainer = make_trainer(cfg, model, tokenizer, train, val, out, progress)
-        if val:
-            manifest.metrics_before = {"eval_loss": trainer.evaluate()["eval_loss"]}
-        trainer.train(resume_from_checkpoint=last)
-        after = {"eval_loss": trainer.evaluate()["eval_loss"]} if val else {}
-        first = progress.losses[0][1] if progress.losses else None
-        final = progress.losses[-1][1] if progress.losses else None
-        manifest.metrics_after = after | {"train_loss_first": first, "train_loss_last": final,
-                                          "train_loss_log": progress.losses}
-        summary = {k: v for k, v in manifest.metrics_after.items() if k != "train_loss_log"}
-        if manifest.metrics_before:
-            summary["base_eval_loss"] = manifest.metrics_before["eval_loss"]
-        return finish_run(trainer.model, trainer, progress, manifest, "generator", "instruct",
-                          cfg, activate, out, t0, summary) | {"examples": train,
-                                                               "tokenizer": tokenizer}
+        return train_and_register("instruct", cfg, model, tokenizer, train, val, manifest,
+                                  out, progress, last, activate, t0) | {"examples": train,
+                                                                        "tokenizer": tokenizer}
     except Exception as e:
         progress.error(f"{type(e).__name__}: {e}")
         raise

@@ -1,0 +1,203 @@
+"""Single-task tuning (summarize, qa) through the instruct machinery: a few LoRA steps on one
+batch make the loss fall; the adapter saves with its manifest, registers as a generator,
+reloads through the registry and moves the output; --resume continues from the checkpoint;
+the held-out splits are stable and never trained on; training and evaluation render the same
+prompt for the same row; the metrics are right on hand-made strings; `rag eval summarize` and
+`rag eval qa-gold` run end to end (2 rows, 4 new tokens) and save JSON + PNG."""
+import json
+
+import pytest
+
+from training.common import EVENTS, RECIPES_DIR, load_config
+from training.qa import QAConfig, pubmedqa_rows, qa_metrics, qa_prompt
+from training.summarize import (SummarizeConfig, meqsum_rows, mediqa_rows, summary_metrics,
+                                summary_prompt)
+
+TASKS = {"summarize": (SummarizeConfig, "summarize-tiny.yaml"), "qa": (QAConfig, "qa-tiny.yaml")}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    from training.qa import run as run_qa
+    from training.summarize import run as run_sum
+
+    out, res = tmp_path_factory.mktemp("tasks"), {}
+    for kind, run in (("summarize", run_sum), ("qa", run_qa)):
+        cls, recipe = TASKS[kind]
+        cfg = load_config(cls, RECIPES_DIR / recipe, [f"name={kind}-tiny"])
+        res[kind] = (cfg, run(cfg, output=str(out / kind), progress_file=str(
+            out / f"{kind}.jsonl")), out)
+    return res
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+
+    return AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+
+
+@pytest.mark.parametrize("kind", ["summarize", "qa"])
+def test_loss_falls_and_adapter_registers(tiny_runs, kind):
+    from rag_app.models import ModelRegistry
+
+    cfg, res, out = tiny_runs[kind]
+    after = res["manifest"]["metrics_after"]
+    assert after["train_loss_last"] < after["train_loss_first"], after  # same batch each step
+    entry = res["entry"]
+    assert entry["kind"] == "generator" and entry["name"] == f"{kind}-tiny"
+    assert ModelRegistry().get(f"{kind}-tiny")["training_type"] == kind
+    man = json.loads(open(f"{entry['path']}/manifest.json").read())
+    assert man["training_type"] == kind and man["seed"] == cfg.seed
+    assert man["data"]["prompt"]["module"] == "training.tasks"
+    assert man["data"]["train"]["n"] == cfg.n_examples
+    events = [json.loads(x) for x in open(out / f"{kind}.jsonl")]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert all(e["event"] in EVENTS for e in events)
+    assert sum(e["event"] == "step" for e in events) == cfg.max_steps
+    assert all(e.completion.endswith(res["tokenizer"].eos_token) for e in res["examples"])
+
+
+@pytest.mark.parametrize("kind", ["summarize", "qa"])
+def test_reloads_via_registry_and_changes_output(tiny_runs, kind):
+    import torch
+
+    from training.tasks import models_to_compare
+
+    cfg, res, _ = tiny_runs[kind]
+    ex = res["examples"][0]
+    last = {}
+    for label, name, model, tok in models_to_compare(["base", f"{kind}-tiny"]):
+        ids = tok(ex.prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            last[label] = model(**ids).logits[0, -1]
+        if label != "base":
+            assert name == f"{kind}-tiny" and hasattr(model, "peft_config")
+    assert float((last["base"] - last[f"{kind}-tiny"]).abs().max()) > 1e-2
+
+
+def test_resume_continues_from_the_checkpoint(tiny_runs):
+    from training.summarize import run
+
+    cfg, res, out = tiny_runs["summarize"]
+    assert (out / "summarize" / f"checkpoint-{cfg.max_steps}").is_dir()
+    more = load_config(SummarizeConfig, RECIPES_DIR / "summarize-tiny.yaml",
+                       ["name=summarize-tiny-resumed", f"max_steps={cfg.max_steps + 1}"])
+    run(more, output=str(out / "summarize"), progress_file=str(out / "resumed.jsonl"),
+        resume=True)
+    events = [json.loads(x) for x in open(out / "resumed.jsonl")]
+    assert events[0]["event"] == "start" and events[0]["step"] == cfg.max_steps
+    assert [e["step"] for e in events if e["event"] == "step"] == [cfg.max_steps + 1]
+
+
+def test_heldout_splits_are_stable_and_never_trained_on(tokenizer):
+    from rag_app.datasets import (MEQSUM_HELDOUT_FILE, _bucket, meqsum_heldout_files,
+                                  meqsum_records, pubmedqa_heldout_pmids)
+    from training.qa import build_examples as qa_examples
+    from training.summarize import build_examples as sum_examples
+
+    held = meqsum_heldout_files()
+    assert MEQSUM_HELDOUT_FILE.is_file() and 100 <= len(held) <= 160
+    assert held == {r["File"] for r in meqsum_records() if _bucket(r["File"], 8) == 0}
+    splits = {s: [r["id"] for r in meqsum_rows(s)] for s in ("train", "val", "eval")}
+    assert set(splits["eval"]) == held and sum(map(len, splits.values())) == 1000
+    assert not (set(splits["train"]) & set(splits["val"])) and not (set(splits["train"]) & held)
+    cfg = load_config(SummarizeConfig, "summarize.yaml",
+                      ["sources=meqsum,mediqa-question,mediqa-answer", "n_examples=0"])
+    train = sum_examples(cfg, tokenizer, "train")
+    assert not {e.id for e in train} & held and {e.source for e in train} == set(
+        cfg.source_list)
+    assert [e.id for e in train] == [e.id for e in sum_examples(cfg, tokenizer, "train")]
+    held_text = {" ".join(r["CHQ"].split()) for r in meqsum_records() if r["File"] in held}
+    assert not {r["text"] for r in mediqa_rows("mediqa-question")} & held_text
+    qcfg = load_config(QAConfig, "qa.yaml")
+    qtrain = {e.id for e in qa_examples(qcfg, tokenizer, "train")}
+    qval = {e.id for e in qa_examples(qcfg, tokenizer, "val")}
+    qeval = {r["id"] for r in pubmedqa_rows("eval")}
+    assert qeval == pubmedqa_heldout_pmids() and not (qtrain | qval) & qeval
+    assert not qtrain & qval and len(qtrain) + len(qval) + len(qeval) == 500
+
+
+def test_train_and_eval_prompts_are_the_same_string(tokenizer):
+    from training.qa import build_examples as qa_examples
+    from training.summarize import build_examples as sum_examples
+
+    cfg = load_config(SummarizeConfig, "summarize.yaml")
+    rows = {r["id"]: r for s in ("train", "eval") for r in meqsum_rows(s, cfg.val_fraction)}
+    for split in ("train", "eval"):  # eval = what `rag eval summarize` generates from
+        for e in sum_examples(cfg, tokenizer, split)[:20]:
+            assert e.prompt == summary_prompt(tokenizer, rows[e.id], cfg.max_source_tokens)
+            assert "Summarise this question" in e.prompt
+            ids = tokenizer(e.prompt, add_special_tokens=True)["input_ids"]
+            assert ids == tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
+    qcfg = load_config(QAConfig, "qa.yaml")
+    qrows = {r["id"]: r for s in ("train", "eval") for r in pubmedqa_rows(s)}
+    for split in ("train", "eval"):
+        for e in qa_examples(qcfg, tokenizer, split)[:20]:
+            assert e.prompt == qa_prompt(tokenizer, qrows[e.id], qcfg.max_source_tokens)
+            assert e.target.split(".")[0].lower() == e.label
+            assert e.prompt_tokens + len(tokenizer(e.completion, add_special_tokens=False)[
+                "input_ids"]) <= qcfg.max_length
+
+
+def test_metrics_on_handmade_strings():
+    m = summary_metrics(["what are the treatments for kidney stones", "What causes asthma?"],
+                        ["what are treatments for gallstones", "What causes asthma?"])
+    # pair 1: unigrams 4 common of 7 / 5 -> F 2/3; bigrams 2 of 6 / 4 -> F 0.4; LCS 4 -> 2/3
+    assert m["rouge1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["rouge2"] == pytest.approx((0.4 + 1) / 2)
+    assert m["rougeL"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["mean_words"] == pytest.approx((7 + 3) / 2) and m["n"] == 2
+    q = qa_metrics(["Yes. It works.", "No, it does not.", "The results are unclear.", "Maybe."],
+                   ["yes", "no", "no", "maybe"], ["It works.", "x", "y", "Maybe."], "yes")
+    assert q["accuracy"] == pytest.approx(0.75) and q["majority_baseline"] == pytest.approx(0.25)
+    assert q["predicted"] == {"yes": 1, "no": 1, "maybe": 2}
+    assert q["rouge_l"] == pytest.approx((0.8 + 0 + 0 + 1) / 4)  # "yes it work" vs "it work"
+    with pytest.raises(ValueError, match="references"):
+        summary_metrics(["a"], [])
+
+
+@pytest.mark.parametrize("what,kind", [("summarize", "summarize"), ("qa-gold", "qa")])
+def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
+    from rag_app.cli import main
+
+    out = tmp_path / f"{what}.json"
+    assert main(["eval", what, "--model", "base", "--model", f"tuned={kind}-tiny", "--limit",
+                 "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["models"]) == ["base", "tuned"] and res["n"] == 2
+    assert out.with_suffix(".png").is_file()
+    text = capsys.readouterr().out
+    assert "base" in text and "tuned" in text
+    if what == "qa-gold":
+        assert "majority baseline" in text and res["models"]["base"]["majority_label"] == "yes"
+    else:
+        assert all(len(r["summary"].split()) <= 4 for r in res["models"]["tuned"]["rows"])
+
+
+def test_cli_ui_recipes_and_errors():
+    from rag_app.cli import build_parser
+    from rag_app.jobs import JobRunner, list_recipes
+
+    p = build_parser()
+    for kind in ("summarize", "qa"):
+        a = p.parse_args(["train", kind, "--set", "max_steps=2", "--resume", "--activate"])
+        assert a.kind == kind and a.resume and a.activate
+    recipes = list_recipes()
+    assert {"summarize.yaml", "summarize-tiny.yaml"} == {r.split("/")[-1]
+                                                          for r in recipes["summarize"]}
+    assert {"qa.yaml", "qa-tiny.yaml"} == {r.split("/")[-1] for r in recipes["qa"]}
+    assert JobRunner.default_command("qa", "qa-tiny.yaml", "p", "o")[3:5] == ["train", "qa"]
+    for kind, (cls, recipe) in TASKS.items():
+        load_config(cls, recipe[:-len("-tiny.yaml")] + ".yaml")  # the real recipes validate
+    with pytest.raises(ValueError, match="sources"):
+        load_config(SummarizeConfig, "summarize.yaml", ["sources=meqsum,bogus"])
+    with pytest.raises(ValueError, match="sources"):
+        load_config(QAConfig, "qa.yaml", ["sources=medquad"])
+    with pytest.raises(ValueError, match="leave no room"):
+        load_config(QAConfig, "qa.yaml", ["max_source_tokens=400"])
+    with pytest.raises(ValueError, match="no --model"):
+        from training.tasks import models_to_compare
+        next(models_to_compare([]))

@@ -1,0 +1,155 @@
+"""Single-task QA tuning of the generator: a PubMedQA question + its OWN abstract (the gold
+context from the shipped data, no retrieval) -> "Yes." / "No." / "Maybe." then the long answer.
+
+Splits: eval = `rag_app.datasets.pubmedqa_heldout_pmids()` (the fixed ~20% fold, 94 questions),
+never trained on; val = a fixed hashed slice of the other pmids; train = the rest.
+
+    rag train qa --recipe training/recipes/qa.yaml [--set k=v] [--activate]
+    rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96] --out F
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .tasks import (TaskConfig, TaskExample, generate_texts, is_val, make_example, mean,
+                    models_to_compare, prompt_fingerprint, render_prompt, run_task, take)
+
+SPLITS = ("train", "val", "eval")
+
+
+@dataclass
+class QAConfig(TaskConfig):
+    sources: str = "pubmedqa"  # the only QA source with gold contexts and long answers
+    max_source_tokens: int = 256  # the abstract
+    max_target_tokens: int = 64  # "Yes. <long answer>"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source_list != ("pubmedqa",):
+            raise ValueError(f"sources={self.sources!r} is invalid for qa: use pubmedqa")
+
+
+def pubmedqa_rows(split: str, val_fraction: float = 0.1) -> list[dict]:
+    """PubMedQA trainval rows of one split, sorted by pmid: {"id", "question", "context",
+    "decision", "long_answer"}; the context keeps the abstract's section labels."""
+    from rag_app.datasets import pubmedqa_heldout_pmids, pubmedqa_records
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
+    held = pubmedqa_heldout_pmids()
+    rows = []
+    for r in pubmedqa_records():
+        s = "eval" if r["pmid"] in held else "val" if is_val(r["pmid"], val_fraction) \
+            else "train"
+        if s != split:
+            continue
+        labels = r.get("context_labels") or [""] * len(r["contexts"])
+        context = "\n".join(f"{lab}: {' '.join(c.split())}" if lab else " ".join(c.split())
+                            for lab, c in zip(labels, r["contexts"]))
+        rows.append({"id": r["pmid"], "question": " ".join(r["question"].split()),
+                     "context": context, "decision": r["final_decision"],
+                     "long_answer": " ".join(r["long_answer"].split())})
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def qa_prompt(tokenizer, row: dict, max_source_tokens: int | None) -> str:
+    """THE QA prompt of a row (training and `rag eval qa-gold` both use it)."""
+    return render_prompt(tokenizer, "qa", row["context"], max_source_tokens,
+                         question=row["question"])
+
+
+def qa_target(row: dict) -> str:
+    return f"{row['decision'].capitalize()}. {row['long_answer']}"
+
+
+def build_examples(cfg: QAConfig, tokenizer, split: str = "train") -> list[TaskExample]:
+    rows = pubmedqa_rows(split, cfg.val_fraction)
+    if split == "train":
+        rows = take(rows, cfg.n_examples, cfg.seed)
+    out = []
+    for r in rows:
+        ex = make_example(tokenizer, cfg, r["id"], "pubmedqa",
+                          qa_prompt(tokenizer, r, cfg.max_source_tokens), qa_target(r),
+                          label=r["decision"])
+        ex.reference = r["long_answer"]  # ROUGE-L is scored against the long answer
+        out.append(ex)
+    return out
+
+
+def run(cfg: QAConfig, output: str | None = None, progress_file: str | None = None,
+        resume: bool = False, activate: bool = False) -> dict:
+    data = {"prompt": prompt_fingerprint(("qa",)), "sources": ["pubmedqa"],
+            "excluded": "pubmedqa_heldout_pmids (rag_app/splits/pubmedqa_heldout_pmids.txt)"}
+    return run_task("qa", cfg, build_examples, data, output, progress_file, resume, activate)
+
+
+# ---------- evaluation: `rag eval qa-gold` ----------
+def majority_label(cfg: QAConfig | None = None) -> str:
+    """The most frequent decision on the TRAINING side (the majority-class baseline)."""
+    counts = Counter(r["decision"] for r in pubmedqa_rows("train", cfg.val_fraction if cfg
+                                                          else 0.1))
+    return counts.most_common(1)[0][0]
+
+
+def qa_metrics(answers: list[str], decisions: list[str], long_answers: list[str],
+               majority: str) -> dict:
+    """Decision accuracy / macro-F1 (the first yes/no/maybe of the answer), the accuracy of
+    always answering `majority`, ROUGE-L of the whole answer vs the long answer."""
+    from rag_app.evaluate import classification_metrics, rouge_l, yes_no_maybe
+
+    if not len(answers) == len(decisions) == len(long_answers):
+        raise ValueError("answers, decisions and long answers must have the same length")
+    preds = [yes_no_maybe(a) for a in answers]
+    cls = classification_metrics(decisions, preds)
+    rows = [{"rouge_l": rouge_l(a, g), "words": len(a.split())}
+            for a, g in zip(answers, long_answers)]
+    return {"n": len(answers), "accuracy": cls["accuracy"], "macro_f1": cls["macro_f1"],
+            "majority_baseline": (sum(d == majority for d in decisions) / len(decisions)
+                                  if decisions else 0.0),
+            "majority_label": majority, "rouge_l": mean(rows, "rouge_l"),
+            "mean_words": mean(rows, "words"), "predicted": dict(Counter(preds))}
+
+
+def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens: int = 96,
+                 batch_size: int = 8) -> dict:
+    """Greedy answers of each model on the held-out PubMedQA fold with its gold abstracts."""
+    majority = majority_label(cfg)
+    out: dict = {"dataset": "pubmedqa-heldout (gold contexts)",
+                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
+                 "max_new_tokens": max_new_tokens, "max_source_tokens": cfg.max_source_tokens,
+                 "prompt": prompt_fingerprint(("qa",)), "models": {}}
+    for label, name, model, tok in models_to_compare(refs):
+        items = build_examples(cfg, tok, "eval")
+        items = items[:limit] if limit else items
+        answers = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
+                                 batch_size, desc=label)
+        m = qa_metrics(answers, [e.label for e in items], [e.reference for e in items],
+                       majority) | {"model": name}
+        m["rows"] = [{"id": e.id, "gold": e.label, "answer": a} for e, a in zip(items, answers)]
+        out["models"][label] = m
+        out["n"] = len(items)
+    print_qa_gold(out)
+    return out
+
+
+def print_qa_gold(res: dict) -> None:
+    first = next(iter(res["models"].values()), None)
+    print(f"{res.get('n')} held-out PubMedQA questions with their gold abstracts (greedy, "
+          f"max_new_tokens {res['max_new_tokens']})")
+    print(f"{'model':28s} {'acc':>6s} {'macroF1':>8s} {'ROUGE-L':>8s} {'words':>6s}  predicted")
+    for label, m in res["models"].items():
+        print(f"{label:28s} {m['accuracy']:6.3f} {m['macro_f1']:8.3f} {m['rouge_l']:8.4f} "
+              f"{m['mean_words']:6.1f}  {m['predicted']}")
+    if first:
+        print(f"{'majority baseline':28s} {first['majority_baseline']:6.3f}  "
+              f"(always {first['majority_label']!r}, the training side's majority)")
+
+
+def plot_qa_gold(result: dict, path: str) -> None:
+    from rag_app.ui_admin import grouped_bars
+
+    fig = grouped_bars(result["models"], ["accuracy", "majority_baseline", "macro_f1",
+                                          "rouge_l"],
+                       f"PubMedQA held-out, gold contexts (n={result.get('n')})")
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,212 @@
+"""Single-task LoRA tuning of the generator (summarisation, QA) through the instruct machinery.
+
+A task is: rows of one held-out-safe split -> prompts rendered by `render_prompt` (THE task
+prompts, `PROMPTS`, used for training AND evaluation) -> `TaskExample`s that fit max_length
+-> `training.instruct.train_and_register` (the same LoRA + TRL SFTTrainer core as `rag train
+instruct`, completion-only loss, resumable checkpoints, progress file, manifest, registered as a
+"generator"). The tasks themselves live in training/summarize.py and training/qa.py; the
+evaluation helpers here (greedy batched generation with left padding, a tqdm bar) serve
+`rag eval summarize` and `rag eval qa-gold`.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from .common import RunManifest, start_run
+from .instruct import LoraSFTConfig, load_base, resolve_base_generator, train_and_register
+
+# THE task prompts: (system prompt, user template). `{source}` is the (truncated) input text.
+PROMPTS = {
+    "question-summary": (
+        "You are a medical assistant who summarises consumer health questions.",
+        "Question:\n{source}\n\nSummarise this question as one short question that keeps its "
+        "medical focus."),
+    "answer-summary": (
+        "You are a medical assistant who summarises answers to consumer health questions.",
+        "Question: {question}\n\nAnswers:\n{source}\n\nSummarise the answers in one to three "
+        "sentences that answer the question."),
+    "qa": (
+        "You are a biomedical research assistant. Answer the research question from the "
+        "abstract only.",
+        "Abstract:\n{source}\n\nQuestion: {question}\n\nStart with yes, no or maybe, then give "
+        "the conclusion in one or two sentences."),
+}
+TRUNCATION_MARK = " ..."
+
+
+@dataclass
+class TaskConfig(LoraSFTConfig):
+    """LoRA settings (LoraSFTConfig) + the data budget of a single task."""
+    n_examples: int = 0  # training rows used, after a seeded shuffle (0 = all)
+    n_val_examples: int = 16  # eval loss before/after, from the TRAINING side's val slice
+    val_fraction: float = 0.1  # share of the training side kept aside as validation
+    max_source_tokens: int = 160  # the input text (question / abstract) is cut to this
+    max_target_tokens: int = 48  # the reference completion is cut to this (EOS always kept)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction!r} is invalid: use 0 <= f < 0.5")
+        if self.max_source_tokens < 8 or self.max_target_tokens < 4:
+            raise ValueError("max_source_tokens must be >= 8 and max_target_tokens >= 4")
+        if self.max_source_tokens + self.max_target_tokens + 16 > self.max_length:
+            raise ValueError(f"max_source_tokens={self.max_source_tokens} + max_target_tokens="
+                             f"{self.max_target_tokens} leave no room for the prompt within "
+                             f"max_length={self.max_length}: raise max_length or lower them")
+        if self.n_examples < 0 or self.n_val_examples < 0:
+            raise ValueError("n_examples and n_val_examples must be >= 0 (0 = all / none)")
+
+
+@dataclass
+class TaskExample:
+    id: str  # the row's stable id (MeQSum File, pmid, ...): the unit of the held-out split
+    source: str  # meqsum | mediqa-question | mediqa-answer | pubmedqa
+    prompt: str
+    completion: str  # target + EOS (what the loss sees)
+    target: str  # the reference as trained on (cut to max_target_tokens)
+    reference: str  # the full reference (what evaluation scores against)
+    prompt_tokens: int
+    label: str | None = None  # QA: the gold yes/no/maybe
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncate_tokens(tokenizer, text: str, n: int, mark: str = TRUNCATION_MARK) -> str:
+    """`text` cut to its first `n` tokens, + `mark` when cut."""
+    text = text.strip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= n:
+        return text
+    return tokenizer.decode(ids[:n]).rstrip() + mark
+
+
+def render_prompt(tokenizer, task: str, source: str, max_source_tokens: int | None,
+                  **fields) -> str:
+    """THE prompt of `task` (training and evaluation call this): the chat template with the
+    task's system prompt and its user template, `source` cut to max_source_tokens."""
+    if task not in PROMPTS:
+        raise ValueError(f"task={task!r} is invalid: choose one of {sorted(PROMPTS)}")
+    if not source or not source.strip():
+        raise ValueError(f"an empty input text cannot be rendered for task {task!r}")
+    if max_source_tokens:
+        source = truncate_tokens(tokenizer, source, max_source_tokens)
+    system, user = PROMPTS[task]
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": user.format(source=source, **fields)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_fingerprint(tasks: tuple[str, ...]) -> dict:
+    text = "\n".join(f"{t}\n{PROMPTS[t][0]}\n{PROMPTS[t][1]}" for t in tasks)
+    return {"module": "training.tasks", "tasks": list(tasks),
+            "sha1": hashlib.sha1(text.encode()).hexdigest()[:12]}
+
+
+def make_example(tokenizer, cfg: TaskConfig, id: str, source: str, prompt: str, target: str,
+                 label: str | None = None) -> TaskExample:
+    """An example that fits max_length: the target is cut to max_target_tokens (and to the
+    room the prompt leaves); the EOS is never cut."""
+    p_tok = n_tokens(tokenizer, prompt)
+    room = min(cfg.max_target_tokens, cfg.max_length - p_tok - 1)
+    if room < 4:
+        raise ValueError(f"a prompt of {p_tok} tokens ({id}) leaves no room for the target "
+                         f"within max_length={cfg.max_length}: lower max_source_tokens or raise "
+                         "max_length")
+    cut = truncate_tokens(tokenizer, target, room, mark="")
+    return TaskExample(id, source, prompt, cut + tokenizer.eos_token, cut, target.strip(),
+                       p_tok, label)
+
+
+def is_val(key: str, fraction: float) -> bool:
+    """The fixed validation slice of the training side (same hash as training/data.py)."""
+    h = int(hashlib.sha1(("val:" + key).encode()).hexdigest(), 16) % 1000
+    return h < fraction * 1000
+
+
+def take(rows: list, n: int, seed: int) -> list:
+    """A seeded shuffle of `rows`, the first `n` (0 = all)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n] if n else rows
+
+
+def describe(examples: list[TaskExample]) -> dict:
+    n = max(len(examples), 1)
+    return {"n": len(examples), "by_source": dict(Counter(e.source for e in examples)),
+            "mean_prompt_tokens": round(sum(e.prompt_tokens for e in examples) / n, 1),
+            "mean_target_words": round(sum(len(e.target.split()) for e in examples) / n, 1),
+            "labels": dict(Counter(e.label for e in examples if e.label))}
+
+
+def run_task(training_type: str, cfg: TaskConfig,
+             build: Callable[[TaskConfig, object, str], list[TaskExample]], data: dict,
+             output: str | None = None, progress_file: str | None = None, resume: bool = False,
+             activate: bool = False) -> dict:
+    """The whole single-task run: train / val examples from `build(cfg, tokenizer, split)` ->
+    the shared SFT core (eval loss before, train, eval loss after, save + register)."""
+    t0, out, progress, last = start_run(training_type, cfg, output, progress_file, resume)
+    try:
+        base = resolve_base_generator(cfg.base_model)
+        model, tokenizer = load_base(base)
+        train = build(cfg, tokenizer, "train")
+        if not train:
+            raise ValueError(f"no {training_type} training example: check sources={cfg.sources!r}")
+        val = build(cfg, tokenizer, "val")[:cfg.n_val_examples] if cfg.n_val_examples else []
+        manifest = RunManifest(training_type, base, asdict(cfg), cfg.seed,
+                               data=data | {"train": describe(train), "val": describe(val)})
+        return train_and_register(training_type, cfg, model, tokenizer, train, val, manifest,
+                                  out, progress, last, activate, t0) | {"examples": train,
+                                                                        "val": val,
+                                                                        "tokenizer": tokenizer}
+    except Exception as e:
+        progress.error(f"{type(e).__name__}: {e}")
+        raise
+
+
+# ---------- evaluation ----------
+def models_to_compare(refs: list[str]):
+    """Yield (label, display name, model, tokenizer) for each `--model` ref: base | tuned |
+    registered generator name | path, optionally LABEL=REF; one model in memory at a time."""
+    from rag_app.models import ModelRegistry
+
+    from .policy import load_causal
+
+    if not refs:
+        raise ValueError("no --model given: pass e.g. --model base --model NAME")
+    labels = [r.partition("=")[0] if "=" in r else r for r in refs]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--model labels {labels} repeat: give each a LABEL=REF")
+    for ref, label in zip(refs, labels):
+        r = ref.partition("=")[2] if "=" in ref else ref
+        base, adapter, name = ModelRegistry().resolve_generator(r)
+        model, tok = load_causal(base, adapter)
+        yield label, name, model, tok
+        del model
+
+
+def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                   desc: str = "generating") -> list[str]:
+    """Greedy answers (new text only, special tokens dropped), batched with left padding."""
+    from tqdm.auto import tqdm
+
+    from .policy import generate
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    tok.padding_side = "left"
+    out: list[str] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        for ids in generate(model, tok, prompts[i:i + batch_size], max_new_tokens,
+                            batch_size=batch_size):
+            out.append(tok.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows) if rows else 0.0
