@@ -63,7 +63,11 @@ def list_recipes(recipes_dir: Path | None = None) -> dict[str, list[str]]:
         alias = {}
     out: dict[str, list[str]] = {}
     for p in files:
-        kind = recipe_kind(p.stem, stems)
+        # a training type's own recipe name wins (longest first), so synthetic-prefs-tiny
+        # belongs to synthetic-prefs, not to a variant of synthetic.yaml
+        own = [s for s in sorted(alias, key=len, reverse=True)
+               if p.stem == s or p.stem.startswith(s + "-")]
+        kind = own[0] if own else recipe_kind(p.stem, stems)
         out.setdefault(alias.get(kind, kind), []).append(str(p))
     return out
 

@@ -143,3 +143,17 @@ def test_recipe_kinds_group_variants():
              "retriever-tiny"}
     assert [recipe_kind(s, stems) for s in sorted(stems)] == [
         "relevance", "relevance", "retriever", "synthetic-queries", "synthetic-queries"]
+
+
+def test_shipped_recipes_group_under_their_training_types():
+    """Every shipped recipe lands under a `rag train` type; synthetic-prefs(-tiny) is its own
+    type, not a variant of synthetic.yaml (synthetic-queries)."""
+    from rag_app.jobs import list_recipes
+    from training.cli import TRAIN_TYPES
+
+    groups = list_recipes()
+    assert set(groups) <= set(TRAIN_TYPES)
+    names = {k: sorted(Path(p).stem for p in v) for k, v in groups.items()}
+    assert names["synthetic-prefs"] == ["synthetic-prefs", "synthetic-prefs-tiny"]
+    assert names["synthetic-queries"] == ["synthetic", "synthetic-tiny"]
+    assert "pretrain-ewc-tiny" in names["pretrain"]

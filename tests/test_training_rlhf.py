@@ -68,6 +68,34 @@ def test_synthetic_pairs_rank_sampled_answers_by_the_rubric_and_are_labelled():
     assert synthetic_pairs(prompts, lambda p, k: [candidates[0]] * k) == []  # nothing to rank
 
 
+def test_synthetic_prefs_run_samples_ranks_and_feeds_the_reward_data(tmp_path):
+    """`rag train synthetic-prefs` on the real packaged generator: the pairs file reloads as
+    synthetic:rubric pairs whose chosen answer scores >= the rejected one by the rubric; only
+    the train split is allowed."""
+    from training.data import rubric_score
+    from training.reward import RewardConfig, build_pairs
+    from training.synthetic_prefs import SyntheticPrefsConfig, run
+
+    cfg = load_config(SyntheticPrefsConfig, "synthetic-prefs-tiny.yaml", [])
+    res = run(cfg, output=str(tmp_path / "run"), progress_file=str(tmp_path / "p.jsonl"))
+    path = tmp_path / "run" / "synthetic_pairs.jsonl"
+    assert res["manifest"]["data"]["prompts"] == cfg.n_prompts
+    assert len(path.read_text().splitlines()) == len(res["pairs"]) >= 1
+    for p in res["pairs"]:
+        assert p.origin == "synthetic:rubric" and p.chosen != p.rejected
+        assert rubric_score(p.chosen, p.sources, p.gold_numbers)["total"] >= \
+            rubric_score(p.rejected, p.sources, p.gold_numbers)["total"] + cfg.margin
+    rc = RewardConfig(n_pairs=4, n_heldout_pairs=4, use_feedback=False,
+                      synthetic_file=str(path))
+    train, held, desc = build_pairs(rc)
+    n_syn = sum(p.origin == "synthetic:rubric" for p in train + held)
+    assert n_syn == len(res["pairs"])
+    events = [json.loads(x)["event"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "done"
+    with pytest.raises(ValueError, match="train split"):
+        SyntheticPrefsConfig(split="eval")
+
+
 def test_human_pairs_come_from_the_feedback_store(tmp_path):
     from rag_app.feedback import FeedbackStore
     from rag_app.types import Answer, Source

@@ -1,7 +1,7 @@
 """`rag train ...` and the training-side `rag eval ...` commands, plugged into rag_app.cli.
 
     rag train relevance|retriever|synthetic-queries|instruct|summarize|qa|pretrain|vocab|
-              reward|dpo|ppo
+              synthetic-prefs|reward|dpo|ppo
         --recipe training/recipes/X.yaml
         [--set key=value ...] [--max-steps N] [--base-model M] [--name NAME]
         [--output DIR] [--progress-file F] [--resume] [--activate]
@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 TRAIN_TYPES = ("relevance", "retriever", "synthetic-queries", "instruct", "summarize", "qa",
-               "pretrain", "vocab", "reward", "dpo", "ppo")
+               "pretrain", "vocab", "synthetic-prefs", "reward", "dpo", "ppo")
 DEFAULT_RECIPES = {"relevance": "relevance.yaml", "retriever": "retriever.yaml",
                    "synthetic-queries": "synthetic.yaml", "instruct": "instruct.yaml",
                    "summarize": "summarize.yaml", "qa": "qa.yaml",
                    "pretrain": "pretrain.yaml", "vocab": "vocab.yaml", "reward": "reward.yaml",
-                   "dpo": "dpo.yaml", "ppo": "ppo.yaml"}
+                   "synthetic-prefs": "synthetic-prefs.yaml", "dpo": "dpo.yaml",
+                   "ppo": "ppo.yaml"}
 
 
 def add_train_parser(sub) -> None:
@@ -173,6 +174,8 @@ def run_train(args) -> int:
         from .dpo import DPOConfig as RelevanceConfig, run  # noqa: N814
     elif args.kind == "ppo":
         from .ppo import PPOConfig as RelevanceConfig, run  # noqa: N814
+    elif args.kind == "synthetic-prefs":
+        from .synthetic_prefs import SyntheticPrefsConfig as RelevanceConfig, run  # noqa: N814
     else:
         raise ValueError(f"unknown training type {args.kind!r}: choose one of {TRAIN_TYPES}")
     cfg = _train_config(args, RelevanceConfig)
