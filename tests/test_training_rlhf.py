@@ -52,6 +52,19 @@ def test_rubric_terms_have_the_stated_signs():
     assert good["total"] > max(bad_cite["total"], made_up["total"], long["total"])
 
 
+def test_rubric_rating_maps_the_rubric_onto_one_to_five():
+    from rag_app.types import Source
+    from training.data import rubric_rating, rubric_score
+
+    assert rubric_rating(-2.0) == 1.0 and rubric_rating(2.5) == 5.0
+    assert rubric_rating(-9.0) == 1.0 and rubric_rating(9.0) == 5.0
+    assert rubric_rating(0.25) == pytest.approx(3.0)
+    srcs = [Source(1, "a#0", "a", "Gout", "Gout is caused by uric acid crystals in joints.", 0.0)]
+    good = rubric_score("Gout is caused by uric acid crystals [1].", srcs, [1])["total"]
+    bad = rubric_score("It is caused by stress [4].", srcs, [1])["total"]
+    assert rubric_rating(good) > rubric_rating(bad)
+
+
 def test_synthetic_pairs_rank_sampled_answers_by_the_rubric_and_are_labelled():
     from rag_app.types import Source
     from training.data import synthetic_pairs

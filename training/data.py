@@ -732,6 +732,14 @@ def rubric_score(answer: str, sources: list, gold_numbers: list | None) -> dict:
     return terms
 
 
+def rubric_rating(total: float) -> float:
+    """A rubric total mapped onto the app's 1-5 rating scale: 1 at the worst bounded total
+    (-2.0: ungrounded, invalid citation, wrong refusal, 60 words too long), 5 at the best
+    (+2.5), linear between, clipped. A proxy for human ratings, always reported as such."""
+    lo, hi = -2.0, sum(w for k, w in RUBRIC.items() if k != "length")
+    return 1.0 + 4.0 * min(max((total - lo) / (hi - lo), 0.0), 1.0)
+
+
 _CITES = __import__("re").compile(r"\[\d+\]")
 
 

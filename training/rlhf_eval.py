@@ -6,8 +6,9 @@
 - policy: greedy answers of each generator on held-out prompts (eval split): mean reward-model
   score, rubric total (training/data.py), win rate against the FIRST model by the reward model
   and by the rubric, KL of each adapter's answers to its reference (the adapter disabled),
-  answer length, refusal accuracy (refuses exactly when the gold passage is absent) and
-  citation validity.
+  answer length, refusal accuracy (refuses exactly when the gold passage is absent),
+  citation validity, and the rubric total on the app's 1-5 rating scale (a proxy for mean
+  user ratings, `training.data.rubric_rating`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def eval_policy(refs: list[str], reward: str = "reward", n: int = 24, seed: int 
     from rag_app.models import ModelRegistry
     from rag_app.prompts import is_no_answer, parse_answer
 
+    from .data import rubric_rating
     from .policy import load_causal, rl_prompts
     from .ppo import PPOConfig, Scorer, evaluate_policy
     from .reward import resolve_reward
@@ -56,7 +58,8 @@ def eval_policy(refs: list[str], reward: str = "reward", n: int = 24, seed: int 
         m = evaluate_policy(model, tok, recs, scorer, max_new_tokens)
         refusal = [is_no_answer(a) == (not rec["gold_numbers"]) for a, rec in zip(m["answers"], recs)]
         valid = [not parse_answer(a, rec["sources"])[2] for a, rec in zip(m["answers"], recs)]
-        m |= {"refusal_accuracy": sum(refusal) / len(recs),
+        m |= {"rating_rubric_1to5": sum(map(rubric_rating, m["rubric_each"])) / len(recs),
+              "refusal_accuracy": sum(refusal) / len(recs),
               "citation_validity": sum(valid) / len(recs), "model": name}
         if first is None:
             first = m
@@ -69,7 +72,8 @@ def eval_policy(refs: list[str], reward: str = "reward", n: int = 24, seed: int 
         print(f"{label:24s} reward {m['score']:7.3f}  rubric {m['rubric']:6.3f}  "
               f"win(reward) {m['win_rate_reward']:.2f}  win(rubric) {m['win_rate_rubric']:.2f}  "
               f"KL {m['kl']:6.2f}  words {m['words']:5.1f}  refusal-acc "
-              f"{m['refusal_accuracy']:.2f}  cite-valid {m['citation_validity']:.2f}")
+              f"{m['refusal_accuracy']:.2f}  cite-valid {m['citation_validity']:.2f}  "
+              f"rating (rubric proxy, 1-5) {m['rating_rubric_1to5']:.2f}")
     return out
 
 
