@@ -136,3 +136,48 @@ def test_rare_term_accuracy_finds_terms_in_either_tokenizer_and_scores_copying(v
     assert acc["word_accuracy"] > 0 and acc["token_accuracy"] >= 0.5  # repeats are copied
     first_only = rare_term_accuracy(model, tokenizer, [ids[:spans[0][1]]], [word])
     assert first_only["term_occurrences"] == 1 and first_only["word_accuracy"] == 0.0
+
+
+def test_new_token_stage_trains_only_the_added_rows_and_lowers_their_loss():
+    """`new_token_steps`: only the added tokens' rows move (input and untied output
+    embeddings); every other row and weight is bit-identical; the loss on text full of the new
+    terms falls; requires_grad is restored."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.pretrain import PretrainConfig, added_token_ids, warm_new_tokens
+
+    tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    assert added_token_ids(tok) == []  # the chat tokens are special, not added terms
+    added = add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    new = [a["id"] for a in added]
+    assert added_token_ids(tok) == sorted(new)
+    text = " In glomerulonephritis and pheochromocytoma the kidney" * 8
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    blocks = [ids[i:i + 16] for i in range(0, len(ids) - 16, 16)][:4]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss():
+        with torch.no_grad():
+            x = torch.tensor(blocks)
+            return float(model(input_ids=x, labels=x).loss)
+
+    l0 = loss()
+    cfg = PretrainConfig(new_token_steps=3, new_token_lr=5e-2, batch_size=4)
+    info = warm_new_tokens(model, tok, "clm", blocks, cfg)
+    assert info["steps"] == 3 and info["new_tokens"] == 2
+    assert loss() < l0
+    old = [i for i in range(len(tok)) if i not in new]
+    for name, p in model.named_parameters():
+        assert p.requires_grad
+        if "embed_tokens" in name or "lm_head" in name:
+            assert torch.equal(p[old], before[name][old]), name
+            assert not torch.allclose(p[new], before[name][new]), name
+        else:
+            assert torch.equal(p, before[name]), name
+    assert warm_new_tokens(model, tok, "clm", blocks, PretrainConfig())["steps"] == 0

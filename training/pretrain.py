@@ -60,6 +60,11 @@ class PretrainConfig(TrainConfig):
     si_steps: int = 8
     si_lr: float = 1e-4
     si_xi: float = 1e-6
+    # tokens added by `rag train vocab`: first train ONLY their rows (input and output
+    # embeddings), everything else frozen, for N steps at new_token_lr on the training blocks
+    # richest in them; then the normal run. 0 = no such stage
+    new_token_steps: int = 0
+    new_token_lr: float = 1e-3
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,6 +211,66 @@ def _cached(path: Path, make, resume: bool):
     return value
 
 
+def added_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens added to the vocabulary (`rag train vocab`), special tokens excluded."""
+    return sorted(i for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
+
+
+def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: PretrainConfig,
+                    progress=None) -> dict:
+    """Train only the rows of the added tokens (their mean-of-pieces initialisation leaves
+    them uncalibrated, and at the full model's learning rate they barely move in a short run).
+    Every other weight is frozen and the other rows' gradients are masked to zero, so AdamW
+    (no weight decay) leaves them exactly as they were. Uses the blocks with the most added
+    tokens first (cycling through them when there are fewer than steps x batch). Returns
+    {steps, new_tokens, lr, loss_first, loss_last}."""
+    import torch
+
+    from .lm_eval import lm_batches
+
+    ids = added_token_ids(tokenizer)
+    if not ids or cfg.new_token_steps <= 0 or not blocks:
+        return {"steps": 0, "new_tokens": len(ids)}
+    emb_in = model.get_input_embeddings().weight
+    out_emb = model.get_output_embeddings()
+    params = [emb_in] + ([out_emb.weight] if out_emb is not None and
+                         out_emb.weight is not emb_in else [])
+    mask = torch.zeros(emb_in.shape[0], 1)
+    mask[ids] = 1.0
+    idset = set(ids)
+    ranked = sorted(blocks, key=lambda b: -sum(t in idset for t in b))
+    batches = lm_batches(ranked[:cfg.new_token_steps * cfg.batch_size], objective, tokenizer,
+                         cfg.batch_size, cfg.mlm_probability, cfg.seed)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hooks = []
+    for p in params:
+        p.requires_grad_(True)
+        hooks.append(p.register_hook(lambda g: g * mask.to(g.dtype)))
+    opt = torch.optim.AdamW(params, lr=cfg.new_token_lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    try:
+        for step in range(1, cfg.new_token_steps + 1):  # cycles when blocks are few
+            loss = model(**batches[(step - 1) % len(batches)]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            if progress is not None:
+                progress.emit("step", step, cfg.new_token_steps, loss=losses[-1],
+                              metrics={"stage": "new-token rows"})
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+    return {"steps": len(losses), "new_tokens": len(ids), "lr": cfg.new_token_lr,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None}
+
+
 def make_trainer(cfg, model, tokenizer, objective, train_blocks, out, progress, penalty):
     import torch
     from datasets import Dataset
@@ -254,6 +319,9 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                          lambda: measure(model, tok, objective, evals, cfg), bool(last))
         progress.emit("eval", 0, cfg.max_steps, metrics={f"{k}_ppl_before": v["perplexity"]
                                                          for k, v in before.items()})
+        warm = {"steps": 0}
+        if cfg.new_token_steps and not last:  # a checkpoint already holds the warmed rows
+            warm = warm_new_tokens(model, tok, objective, train_blocks, cfg, progress)
         if cfg.lora:
             set_seed(cfg.seed)
             model = apply_lora(model, cfg, objective)
@@ -268,6 +336,7 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         manifest = RunManifest("pretrain", start, asdict(cfg), cfg.seed, data=describe(
             cfg, start, objective, (train_docs, held_docs), train_blocks, evals, reg_info, info))
         manifest.metrics_before = before
+        manifest.data["new_token_stage"] = warm
         trainer = make_trainer(cfg, model, tok, objective, train_blocks, out, progress, penalty)
         trainer.train(resume_from_checkpoint=last)
         final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
