@@ -190,6 +190,22 @@ def test_reward_model_learns_held_out_pairs_and_registers(reward_run):
 
 
 # ---------------------------------------------------------------- PPO maths -----------------
+def test_reward_model_can_start_from_the_active_relevance_classifier(reward_run, tmp_path,
+                                                                   monkeypatch):
+    from rag_app.models import ModelRegistry
+    from training.reward import load_reward_model, score_texts
+
+    _, res, _ = reward_run
+    monkeypatch.setenv("RAG_MODELS_DIR", str(tmp_path / "models"))
+    with pytest.raises(ValueError, match="rag train relevance"):
+        load_reward_model("relevance")
+    ModelRegistry().register("rel-x", "relevance", res["entry"]["path"], activate=True)
+    for ref in ("relevance", "rel-x"):
+        model, tok = load_reward_model(ref)
+        assert score_texts(model, tok, ["Question: q\nAnswer: a"])[0] == pytest.approx(
+            score_texts(res["model"].model, tok, ["Question: q\nAnswer: a"])[0], abs=1e-4)
+
+
 def test_kl_is_zero_when_policy_equals_reference_and_rewards_sit_on_the_last_token():
     from training.ppo import kl_per_token, per_token_rewards
 

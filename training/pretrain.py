@@ -257,7 +257,7 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
                 progress.emit("step", step, cfg.new_token_steps, loss=losses[-1],
                               metrics={"stage": "new-token rows"})

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RewardConfig(TrainConfig):
-    base_model: str = "default"  # default = the packaged MiniLM encoder; HF id; path
+    base_model: str = "default"  # default = the packaged MiniLM encoder; relevance = the
+    # active relevance classifier (a MiniLM cross-encoder: question/answer matching is what the
+    # data pairs test); a registered name; HF id; path
     max_steps: int = 80
     batch_size: int = 16
     learning_rate: float = 5e-5
@@ -77,6 +79,14 @@ def load_reward_model(path: str, max_length: int = 160):
 
     from .common import resolve_base
 
+    if path == "relevance":  # start from the active relevance classifier (a cross-encoder)
+        from rag_app.models import ModelRegistry
+
+        entry = ModelRegistry().active("relevance")
+        if entry is None:
+            raise ValueError("base_model=relevance needs an active relevance classifier: "
+                             "`rag train relevance --activate`, or pass a registered name")
+        path = entry["path"]
     path = resolve_base(path)  # default -> the packaged MiniLM; a registered name -> its folder
     try:
         tok = AutoTokenizer.from_pretrained(path)
