@@ -252,7 +252,10 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
     losses = []
     model.train()
     try:
-        for step in range(1, cfg.new_token_steps + 1):  # cycles when blocks are few
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(1, cfg.new_token_steps + 1), desc="new-token rows",
+                         unit="step"):  # cycles through the batches when blocks are few
             loss = model(**batches[(step - 1) % len(batches)]).loss
             loss.backward()
             opt.step()
