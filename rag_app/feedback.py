@@ -83,6 +83,18 @@ class FeedbackStore:
                  tuned.text if tuned else None, tuned.model if tuned else None))
             return int(cur.lastrowid)
 
+    def add_answer(self, interaction_id: int, which: str, answer: Answer) -> dict:
+        """Store an answer that completed after the interaction was recorded (the tuned one
+        streams after the base one)."""
+        if which not in WHICH:
+            raise ValueError(f"which={which!r} is invalid: choose one of {WHICH}")
+        self.get(interaction_id)
+        with self._lock, self._conn() as c:
+            c.execute(f"UPDATE interactions SET {which}_answer = ?, {which}_model = ?, "
+                      "updated = ? WHERE id = ?",
+                      (answer.text, answer.model, time.time(), int(interaction_id)))
+        return self.get(interaction_id)
+
     def get(self, interaction_id: int) -> dict:
         with self._conn() as c:
             row = c.execute("SELECT * FROM interactions WHERE id = ?",

@@ -147,16 +147,24 @@ class AppState:
         has_tuned = self.tuned_available()
         tuned_html = pending if has_tuned else notice_html(NO_TUNED_TEXT)
         yield status, sources_html(to_sources(chunks), []), pending, tuned_html, None
+        # the interaction is stored as soon as the base answer is complete, and its id goes
+        # out with that answer's first complete rendering: a rating clicked at once never
+        # finds "no question yet" (the tuned answer is added when it is complete)
         base_final = None
-        for base_final, html_ in _stream(base, q, chunks):
-            yield status, sources_html(base_final.sources, []), html_, tuned_html, None
+        for base_final, html_, done in _stream(base, q, chunks):
+            if not done:
+                yield status, sources_html(base_final.sources, []), html_, tuned_html, None
+        iid = self.feedback.record(q, base_final.sources, base_final, None)
+        yield (status, sources_html(base_final.sources, [base_final]), answer_html(base_final),
+               tuned_html, iid)
         tuned_final = None
         if has_tuned:
-            for tuned_final, html_ in _stream(tuned, q, chunks):
-                yield status, sources_html(base_final.sources, []), answer_html(base_final), \
-                    html_, None
+            for tuned_final, html_, done in _stream(tuned, q, chunks):
+                if not done:
+                    yield status, sources_html(base_final.sources, [base_final]), \
+                        answer_html(base_final), html_, iid
+            self.feedback.add_answer(iid, "tuned", tuned_final)
         answers = [a for a in (base_final, tuned_final) if a is not None]
-        iid = self.feedback.record(q, base_final.sources, base_final, tuned_final)
         yield (status, sources_html(base_final.sources, answers), answer_html(base_final),
                answer_html(tuned_final) if tuned_final else tuned_html, iid)
 
@@ -167,13 +175,15 @@ def to_sources(chunks: list[Chunk]) -> list[Source]:
     return _to_sources(chunks)
 
 
-def _stream(pipe: RagPipeline, q: str, chunks: list[Chunk]) -> Iterator[tuple[Answer, str]]:
+def _stream(pipe: RagPipeline, q: str, chunks: list[Chunk]
+            ) -> Iterator[tuple[Answer, str, bool]]:
+    """(answer so far, its HTML, done): partial renderings, then the complete one."""
     t0 = time.perf_counter()
     final = None
     for final in pipe.stream(q, chunks=chunks):
-        yield final, answer_html(final, partial=True)
+        yield final, answer_html(final, partial=True), False
     final.timings_ms["wall"] = (time.perf_counter() - t0) * 1000
-    yield final, answer_html(final)
+    yield final, answer_html(final), True
 
 
 # ---------- rendering (everything escaped) ----------

@@ -60,6 +60,22 @@ def test_no_tuned_answer_no_preference(tmp_path):
         store.rate(999, "base", 3)
 
 
+def test_a_later_answer_is_added_to_the_recorded_interaction(tmp_path):
+    """The Ask tab records the question once the base answer is complete (so it can be rated
+    at once) and adds the tuned answer when that one completes."""
+    store = FeedbackStore(tmp_path / "fb.sqlite")
+    base, tuned = _answers()
+    iid = store.record("q?", SOURCES, base, None)
+    assert store.rate(iid, "base", 4)["base_rating"] == 4
+    row = store.add_answer(iid, "tuned", tuned)
+    assert row["tuned_answer"] == tuned.text and row["tuned_model"] == "tuned-v1"
+    assert row["base_rating"] == 4 and store.prefer(iid, "tuned")["preference"] == "tuned"
+    with pytest.raises(ValueError, match="which="):
+        store.add_answer(iid, "other", tuned)
+    with pytest.raises(ValueError, match="does not exist"):
+        store.add_answer(999, "tuned", tuned)
+
+
 class _Tok:
     """Stands in for the chat tokenizer: the export must call render_prompt with it."""
 
