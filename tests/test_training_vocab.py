@@ -85,17 +85,22 @@ def test_new_tokens_reload_as_one_token_with_mean_embeddings_and_generate(vocab_
     assert [e["event"] for e in events] == ["start", "done"]
 
 
-def test_untied_output_embeddings_get_their_own_mean():
+def _tiny_untied_llama():
+    """SmolLM2's tokenizer + a tiny random Llama with untied input/output embeddings."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from rag_app.generate import ensure_base_checkpoint
 
     tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
-                                         intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2,
-                                         tie_word_embeddings=False))
+    return tok, LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
+                                             intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2,
+                                             tie_word_embeddings=False))
+
+
+def test_untied_output_embeddings_get_their_own_mean():
+    tok, model = _tiny_untied_llama()
     terms = [t["term"] for t in mine_terms(
         tok, ["In glomerulonephritis and pheochromocytoma, glomerulonephritis and the"] * 5,
         ["It was a fine day in the village."], top_n=2, min_count=5, min_ratio=1.0)]
@@ -142,17 +147,9 @@ def test_new_token_stage_trains_only_the_added_rows_and_lowers_their_loss():
     """`new_token_steps`: only the added tokens' rows move (input and untied output
     embeddings); every other row and weight is bit-identical; the loss on text full of the new
     terms falls; requires_grad is restored."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from rag_app.generate import ensure_base_checkpoint
     from training.pretrain import PretrainConfig, added_token_ids, warm_new_tokens
 
-    tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
-                                         intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2,
-                                         tie_word_embeddings=False))
+    tok, model = _tiny_untied_llama()
     assert added_token_ids(tok) == []  # the chat tokens are special, not added terms
     added = add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
     new = [a["id"] for a in added]
