@@ -8,7 +8,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutput
 
 from training import regularizers as R
-from training.lmdata import TextDoc, pack, split_documents, strip_gutenberg
+from training.lmdata import TextDoc, pack, split_documents, strip_gutenberg, train_val_split
 
 
 class TinyLM(torch.nn.Module):
@@ -148,6 +148,22 @@ def test_split_by_document_is_deterministic_disjoint_and_forces_holdouts():
     assert [d.key for d in again[1]] == [d.key for d in held]  # order-independent
     other = split_documents(docs, 0.2, seed=4)[1]
     assert {d.key for d in other} != {d.key for d in held}
+
+
+def test_validation_slice_is_the_tail_of_the_train_side_and_leaves_its_front_unchanged(
+        tokenizer):
+    """Hyper-parameters are chosen on the train side's tail (`rag eval lm --text domain-val`):
+    it is disjoint from the pool, and the blocks packed from the front of the pool (what a run
+    trains on) are the same as without the slice."""
+    docs = [TextDoc(f"d{i}", f"document {i} " + "word " * (i % 7 + 3)) for i in range(100)]
+    pool, val = train_val_split(docs, 0.05)
+    assert [d.key for d in val] == ["d95", "d96", "d97", "d98", "d99"]
+    assert len(pool) == 95 and {d.key for d in pool}.isdisjoint({d.key for d in val})
+    front = pack([d.text for d in docs], tokenizer, 16, max_blocks=10)
+    assert pack([d.text for d in pool], tokenizer, 16, max_blocks=10) == front
+    assert train_val_split(docs, 0.0) == (docs, [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_val_split(docs, 1.0)
 
 
 def test_pack_blocks_exact_length_with_eos_between_documents(tokenizer):

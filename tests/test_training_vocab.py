@@ -178,3 +178,52 @@ def test_new_token_stage_trains_only_the_added_rows_and_lowers_their_loss():
         else:
             assert torch.equal(p, before[name]), name
     assert warm_new_tokens(model, tok, "clm", blocks, PretrainConfig())["steps"] == 0
+
+
+def test_distill_stage_expands_added_tokens_to_their_old_pieces_and_lowers_its_loss():
+    """new_token_objective=distill: the text in the old vocabulary is the added tokens expanded
+    back into their pieces (= the old tokenizer's own ids), positions align where both have
+    read the same text, and a few steps of row-only training lower the distillation loss
+    while every other row and weight stays bit-identical."""
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.pretrain import (PretrainConfig, distill_loss, expand_pieces, old_pieces,
+                                   warm_new_tokens)
+
+    tok, model = _tiny_untied_llama()
+    old_tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    added = add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    new = [a["id"] for a in added]
+    pieces = old_pieces(tok, new)
+    assert pieces == {a["id"]: a["piece_ids"] for a in added}
+    text = " In glomerulonephritis and pheochromocytoma the kidney fails" * 6
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert set(new) <= set(ids)
+    expanded, last = expand_pieces(ids, pieces)
+    assert expanded == old_tok(text, add_special_tokens=False)["input_ids"]
+    for j in range(len(ids)):
+        assert tok.decode(expanded[:last[j] + 1]) == tok.decode(ids[:j + 1])
+    blocks = [ids[i:i + 16] for i in range(0, len(ids) - 16, 16)][:4]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss():
+        with torch.no_grad():
+            return float(distill_loss(model, torch.tensor(blocks), pieces))
+
+    l0 = loss()
+    cfg = PretrainConfig(new_token_steps=4, new_token_lr=5e-2, batch_size=4,
+                         new_token_objective="distill")
+    info = warm_new_tokens(model, tok, "clm", blocks, cfg)
+    assert info["objective"] == "distill" and info["steps"] == 4
+    assert loss() < l0
+    old = [i for i in range(len(tok)) if i not in new]
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            assert torch.equal(p[old], before[name][old]), name
+        else:
+            assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="causal LM"):
+        warm_new_tokens(model, tok, "mlm", blocks, cfg)
+    with pytest.raises(ValueError, match="new_token_objective"):
+        PretrainConfig(new_token_objective="other")

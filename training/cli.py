@@ -8,7 +8,7 @@
     rag eval relevance --model tuned|NAME|PATH [--recipe R] [--out results/X.json]
     rag eval ranking --index eval --model tuned|NAME|PATH [--model ...] [--limit N]
         [--candidates 50] [--out results/X.json]
-    rag eval lm --model base|NAME|PATH --text domain-heldout|general|PATH [--limit N]
+    rag eval lm --model base|NAME|PATH --text domain-heldout|domain-val|general|PATH [--limit N]
         [--block-size 256] [--out results/X.json]
     rag eval reward --model NAME|reward [--model ...] [--pairs 300] [--out results/X.json]
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
@@ -75,7 +75,8 @@ def add_eval_parsers(esub) -> None:
                    help="base | minilm | tuned | registered name | path (repeatable; "
                    "NAME=REF to label)")
     m.add_argument("--text", default="domain-heldout",
-                   help="domain-heldout | general | PATH (.txt or .jsonl)")
+                   help="domain-heldout | domain-val (the train side's validation slice, for "
+                        "choosing hyper-parameters) | general | PATH (.txt or .jsonl)")
     m.add_argument("--limit", type=int, default=32, help="blocks (0 = all)")
     m.add_argument("--block-size", type=int, default=256)
     m.add_argument("--batch-size", type=int, default=4)

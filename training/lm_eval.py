@@ -5,7 +5,7 @@ of a fixed, seeded 15% of the non-special tokens, all replaced by [MASK] (a dete
 "masked perplexity"). Bits per character (CLM) compare models with different tokenizers
 (vocabulary adaptation), where per-token perplexity does not.
 
-    rag eval lm --model base|tuned|NAME|PATH [--model ...] --text domain-heldout|general|PATH
+    rag eval lm --model base|tuned|NAME|PATH [--model ...] --text domain-heldout|domain-val|general|PATH
         [--limit N] [--block-size 256] [--out results/lm.json]
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 MINILM_ALIASES = ("minilm", "encoder")
-TEXTS = ("domain-heldout", "general")
+TEXTS = ("domain-heldout", "domain-val", "general")
 
 
 def detect_objective(path: str) -> str:
@@ -240,11 +240,14 @@ def rare_term_accuracy(model, tokenizer, blocks, words, batch_size: int = 4) -> 
 
 def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fraction: float = 0.05,
                 split_seed: int = 0) -> list:
-    """Blocks of domain-heldout (the corpus's held-out documents), general (held-out chapters
-    of the general books) or a file (all of it)."""
-    from .lmdata import file_documents, pack, text_split
+    """Blocks of domain-heldout (the corpus's held-out documents), domain-val (the validation
+    slice of its train side, for choosing hyper-parameters), general (held-out chapters of the
+    general books) or a file (all of it)."""
+    from .lmdata import file_documents, pack, text_split, train_val_split
 
-    if text in TEXTS:
+    if text == "domain-val":
+        docs = train_val_split(text_split("domain", heldout_fraction, split_seed)[0])[1]
+    elif text in TEXTS:
         _, held = text_split("domain" if text == "domain-heldout" else "general",
                              heldout_fraction, split_seed)
         docs = held

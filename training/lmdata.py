@@ -7,6 +7,9 @@
 - a deterministic split BY DOCUMENT (a seeded hash of the document key); documents of the
   project's evaluation hold-outs (PubMedQA held-out PMIDs, MedQuAD test foci) always go to the
   held-out side, so pre-training never sees them
+- a validation slice of the train side (`train_val_split`): its LAST documents (after the seeded
+  shuffle), which training never draws from (packing takes documents from the front), for
+  choosing hyper-parameters without touching the held-out side (`rag eval lm --text domain-val`)
 - packing: documents tokenised, concatenated (EOS between documents for causal LMs; a BERT
   tokenizer's [CLS] ... [SEP] already delimits them) and cut into fixed-length blocks
 """
@@ -149,6 +152,21 @@ def text_split(name: str, heldout_fraction: float = 0.05, split_seed: int = 0,
     docs = domain_documents("corpus" if corpus else name)
     force = eval_holdout_keys() if corpus else frozenset()
     return split_documents(docs, heldout_fraction, split_seed, force)
+
+
+VAL_FRACTION = 0.05
+
+
+def train_val_split(train_docs: list[TextDoc], val_fraction: float = VAL_FRACTION
+                    ) -> tuple[list[TextDoc], list[TextDoc]]:
+    """(training pool, validation slice) of a train side: the validation slice is its last
+    round(f x n) documents. The pool is a prefix of the train side, so the blocks a run packs
+    from its front are the same with or without the slice set aside."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r} is invalid: use 0 <= f < 1")
+    n = round(val_fraction * len(train_docs))
+    return (train_docs[:len(train_docs) - n], train_docs[len(train_docs) - n:]) if n \
+        else (list(train_docs), [])
 
 
 def pack(texts, tokenizer, block_size: int, max_blocks: int = 0, batch: int = 64) -> list:

@@ -65,6 +65,16 @@ class PretrainConfig(TrainConfig):
     # richest in them; then the normal run. 0 = no such stage
     new_token_steps: int = 0
     new_token_lr: float = 1e-3
+    # blocks packed from the training pool to pick the row stage's richest blocks from
+    # (0 = the run's own training blocks); a larger pool gives each new row more occurrences
+    new_token_pool: int = 0
+    # the row stage's objective: lm = next-token loss on the new tokenisation; distill = make
+    # the model on the new tokenisation predict what it predicted on the OLD one (the added
+    # tokens expanded back into their pieces): soft targets from the old-tokenisation pass at
+    # the aligned position (over the old vocabulary), the real token where it is an added one
+    new_token_objective: str = "lm"
+    # the last documents of the train side, never trained on (`rag eval lm --text domain-val`)
+    val_fraction: float = 0.05
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +85,9 @@ class PretrainConfig(TrainConfig):
                              f"{REGULARIZERS}")
         if self.block_size < 8 or self.gradient_accumulation_steps < 1:
             raise ValueError("block_size must be >= 8 and gradient_accumulation_steps >= 1")
+        if self.new_token_objective not in ("lm", "distill"):
+            raise ValueError(f"new_token_objective={self.new_token_objective!r} is invalid: "
+                             "use lm or distill")
         if self.regularizer != "none" and self.importance_blocks < 1:
             raise ValueError("importance_blocks must be >= 1 with a regularizer")
 
@@ -216,14 +229,70 @@ def added_token_ids(tokenizer) -> list[int]:
     return sorted(i for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
 
 
+def old_pieces(tokenizer, ids: list[int]) -> dict[int, list[int]]:
+    """Each added token's ids in the tokenizer's own sub-word model, i.e. how the vocabulary
+    before `rag train vocab` wrote it: its pre-tokenizer and BPE model, which never see added
+    tokens."""
+    bt = tokenizer.backend_tokenizer
+    out = {}
+    for i in ids:
+        content = tokenizer.added_tokens_decoder[i].content
+        words = bt.pre_tokenizer.pre_tokenize_str(content) if bt.pre_tokenizer else \
+            [(content, None)]
+        out[i] = [t.id for w, _ in words for t in bt.model.tokenize(w)]
+        if not out[i] or any(p in out for p in out[i]):
+            raise ValueError(f"added token {content!r} has no pieces in the old vocabulary")
+    return out
+
+
+def expand_pieces(ids: list[int], pieces: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+    """`ids` in the old vocabulary (each added token replaced by its pieces), and for each
+    position of `ids` the position of its LAST token in that expansion (where the old
+    tokenisation has read the same text)."""
+    out: list[int] = []
+    last: list[int] = []
+    for t in ids:
+        out.extend(pieces.get(t, (t,)))
+        last.append(len(out) - 1)
+    return out, last
+
+
+def distill_loss(model, input_ids, pieces: dict[int, list[int]], pad_id: int = 0):
+    """Mean over next-token positions of the new tokenisation: where the next token is an added
+    one, its NLL; elsewhere the cross-entropy against the model's own prediction on the old
+    tokenisation at the aligned position (softmax over the old vocabulary, no gradient)."""
+    import torch
+
+    rows = [expand_pieces(r, pieces) for r in input_ids.tolist()]
+    length = max(len(e) for e, _ in rows)
+    t_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    t_att = torch.zeros_like(t_ids)
+    for b, (e, _) in enumerate(rows):
+        t_ids[b, :len(e)], t_att[b, :len(e)] = torch.tensor(e), 1
+    align = torch.tensor([a for _, a in rows])  # (B, T)
+    new = torch.tensor(sorted(pieces))
+    old = torch.ones(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    old[new] = False
+    with torch.no_grad():
+        t_logits = model(input_ids=t_ids, attention_mask=t_att).logits
+        t_logits = t_logits.gather(1, align[:, :-1, None].expand(-1, -1, t_logits.shape[-1]))
+        p_old = torch.softmax(t_logits[..., old].float(), -1)
+    s_logp = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
+    nxt = input_ids[:, 1:]
+    soft = -(p_old * s_logp[..., old]).sum(-1)
+    hard = -s_logp.gather(-1, nxt[..., None]).squeeze(-1)
+    return torch.where(torch.isin(nxt, new), hard, soft).mean()
+
+
 def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: PretrainConfig,
                     progress=None) -> dict:
     """Train only the rows of the added tokens (their mean-of-pieces initialisation leaves
     them uncalibrated, and at the full model's learning rate they barely move in a short run).
     Every other weight is frozen and the other rows' gradients are masked to zero, so AdamW
     (no weight decay) leaves them exactly as they were. Uses the blocks with the most added
-    tokens first (cycling through them when there are fewer than steps x batch). Returns
-    {steps, new_tokens, lr, loss_first, loss_last}."""
+    tokens first (cycling through them when there are fewer than steps x batch). The loss is
+    the next-token loss, or with new_token_objective=distill `distill_loss` (causal LMs).
+    Returns {steps, new_tokens, lr, objective, loss_first, loss_last}."""
     import torch
 
     from .lm_eval import lm_batches
@@ -231,6 +300,17 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
     ids = added_token_ids(tokenizer)
     if not ids or cfg.new_token_steps <= 0 or not blocks:
         return {"steps": 0, "new_tokens": len(ids)}
+    if cfg.new_token_objective == "distill":
+        if objective != "clm":
+            raise ValueError("new_token_objective=distill needs a causal LM")
+        pieces = old_pieces(tokenizer, ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        def step_loss(batch):
+            return distill_loss(model, batch["input_ids"], pieces, pad)
+    else:
+        def step_loss(batch):
+            return model(**batch).loss
     emb_in = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
     params = [emb_in] + ([out_emb.weight] if out_emb is not None and
@@ -256,7 +336,7 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
 
         for step in tqdm(range(1, cfg.new_token_steps + 1), desc="new-token rows",
                          unit="step"):  # cycles through the batches when blocks are few
-            loss = model(**batches[(step - 1) % len(batches)]).loss
+            loss = step_loss(batches[(step - 1) % len(batches)])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -270,6 +350,7 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
     return {"steps": len(losses), "new_tokens": len(ids), "lr": cfg.new_token_lr,
+            "objective": cfg.new_token_objective,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}
 
@@ -301,7 +382,7 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         resume: bool = False, activate: bool = False) -> dict:
     """The whole run (see the module docstring); returns finish_run's dict + "before"/"after"."""
     from .lm_eval import load_lm, plot_lm
-    from .lmdata import pack, text_split
+    from .lmdata import pack, text_split, train_val_split
     from .regularizers import QuadraticPenalty
 
     t0, out, progress, last = start_run("pretrain", cfg, output, progress_file, resume)
@@ -313,7 +394,8 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
         n_train = cfg.train_blocks or \
             cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
-        train_blocks = pack([d.text for d in train_docs], tok, cfg.block_size, n_train)
+        pool_docs, _ = train_val_split(train_docs, cfg.val_fraction)
+        train_blocks = pack([d.text for d in pool_docs], tok, cfg.block_size, n_train)
         evals = {"domain-heldout": pack([d.text for d in held_docs], tok, cfg.block_size,
                                         cfg.eval_blocks) if cfg.eval_blocks else [],
                  "general": pack([d.text for d in gen_held], tok, cfg.block_size,
@@ -324,7 +406,10 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                                                          for k, v in before.items()})
         warm = {"steps": 0}
         if cfg.new_token_steps and not last:  # a checkpoint already holds the warmed rows
-            warm = warm_new_tokens(model, tok, objective, train_blocks, cfg, progress)
+            pool = pack([d.text for d in pool_docs], tok, cfg.block_size, cfg.new_token_pool) \
+                if cfg.new_token_pool > len(train_blocks) else train_blocks
+            warm = warm_new_tokens(model, tok, objective, pool, cfg, progress) | {
+                "pool_blocks": len(pool)}
         if cfg.lora:
             set_seed(cfg.seed)
             model = apply_lora(model, cfg, objective)

@@ -37,6 +37,7 @@ class VocabConfig(TrainConfig):
     heldout_fraction: float = 0.05
     split_seed: int = 0
     max_docs: int = 0  # domain documents mined (0 = all of the train side)
+    val_fraction: float = 0.05  # the train side's validation slice is not mined
     top_n: int = 300
     min_pieces: int = 3
     min_count: int = 20
@@ -170,7 +171,7 @@ def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None =
     """Mine -> add -> (bits per char / tokens per 1k chars before and after) -> save tokenizer +
     model -> register as kind "base"."""
     from .lm_eval import load_lm
-    from .lmdata import pack, text_split
+    from .lmdata import pack, text_split, train_val_split
     from .pretrain import SavedLM, lineage, measure, resolve_start
 
     if resume:
@@ -183,7 +184,8 @@ def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None =
         model, tok, objective, info = load_lm(start)
         train_docs, held_docs = text_split(cfg.domain_text, cfg.heldout_fraction, cfg.split_seed)
         gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
-        mined_docs = train_docs[:cfg.max_docs] if cfg.max_docs else train_docs
+        pool_docs, _ = train_val_split(train_docs, cfg.val_fraction)
+        mined_docs = pool_docs[:cfg.max_docs] if cfg.max_docs else pool_docs
         terms = mine_terms(tok, [d.text for d in mined_docs],
                            [d.text for d in gen_train + gen_held], cfg.top_n, cfg.min_pieces,
                            cfg.min_count, cfg.min_ratio, cfg.min_chars)
