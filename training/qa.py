@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .tasks import (TaskConfig, TaskExample, generate_texts, is_val, make_example, mean,
-                    models_to_compare, prompt_fingerprint, render_prompt, run_task, take)
+from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
+                    prompt_fingerprint, render_prompt, run_task, take)
 
 SPLITS = ("train", "val", "eval")
 
@@ -119,11 +119,9 @@ def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens:
                  "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
                  "max_new_tokens": max_new_tokens, "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("qa",)), "models": {}}
-    for label, name, model, tok in models_to_compare(refs):
-        items = build_examples(cfg, tok, "eval")
-        items = items[:limit] if limit else items
-        answers = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
-                                 batch_size, desc=label)
+    for label, name, items, answers in held_out_outputs(
+            refs, lambda tok: build_examples(cfg, tok, "eval"), limit, max_new_tokens,
+            batch_size):
         m = qa_metrics(answers, [e.label for e in items], [e.reference for e in items],
                        majority) | {"model": name}
         m["rows"] = [{"id": e.id, "gold": e.label, "answer": a} for e, a in zip(items, answers)]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import (TaskConfig, TaskExample, generate_texts, is_val, make_example,
-                    mean, models_to_compare, prompt_fingerprint, render_prompt, run_task, take)
+from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
+                    prompt_fingerprint, render_prompt, run_task, take)
 
 SOURCES = ("meqsum", "mediqa-question", "mediqa-answer")
 SPLITS = ("train", "val", "eval")
@@ -137,11 +137,9 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
                  "meqsum_heldout_files.txt", "max_new_tokens": max_new_tokens,
                  "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
-    for label, name, model, tok in models_to_compare(refs):
-        items = build_examples(cfg, tok, "eval")
-        items = items[:limit] if limit else items
-        preds = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
-                               batch_size, desc=label)
+    for label, name, items, preds in held_out_outputs(
+            refs, lambda tok: build_examples(cfg, tok, "eval"), limit, max_new_tokens,
+            batch_size):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
                      for e, p in zip(items, preds)]

@@ -208,5 +208,16 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
+def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int):
+    """Yield (label, display name, items, greedy texts) per `--model` ref: items =
+    build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
+    `limit` of them (0 = all)."""
+    for label, name, model, tok in models_to_compare(refs):
+        items = build(tok)
+        items = items[:limit] if limit else items
+        yield label, name, items, generate_texts(model, tok, [e.prompt for e in items],
+                                                 max_new_tokens, batch_size, desc=label)
+
+
 def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
