@@ -32,7 +32,7 @@ def main() -> None:
     held = pubmedqa_heldout_pmids()
     qs = sorted((r["pmid"], r["question"]) for r in pubmedqa_records() if r["pmid"] in held)
     qs = [q for _, q in qs[:a.queries]]
-    bi = Reranker(pipe.index, pipe.embedder, None)
+    bi = Reranker(pipe.index, pipe.embedder, None, reorder=True)
     ce = Reranker(pipe.index, pipe.embedder, path)
     ce.score(qs[0], pipe.retriever.search(qs[0], 5))  # load + warm up
     result = {"index": a.index, "model": path, "queries": len(qs), "repeats": a.repeats,

@@ -261,7 +261,7 @@ class RagPipeline:
         return top
 
     def is_weak(self, chunks: list[Chunk]) -> bool:
-        return not chunks or chunks[0].score < self.reranker.weak_threshold
+        return not chunks or max(c.score for c in chunks) < self.reranker.weak_threshold
 
     def answer(self, question: str, k: int | None = None) -> Answer:
         final = None

@@ -122,7 +122,7 @@ class AppState:
     def reranker_label(self) -> str:
         ref = self.base.reranker.model_ref
         if not ref:
-            return "bi-encoder cosine (no relevance model)"
+            return "hybrid order, no relevance model (bi-encoder cosine gates weak evidence)"
         for e in ModelRegistry().list("relevance"):
             if e["path"] == ref:
                 return f"relevance model {e['name']}"

@@ -41,11 +41,21 @@ def test_off_topic_question_is_weak_evidence_and_not_guessed(pipe):
     assert ans.citations == []
 
 
-def test_retrieve_returns_reranked_chunks(pipe):
-    chunks = pipe.retrieve("symptoms of shingles", k=4)
-    assert len(chunks) == 4
-    assert [c.score for c in chunks] == sorted((c.score for c in chunks), reverse=True)
+def test_without_a_classifier_the_hybrid_order_is_kept_and_scored_by_cosine(pipe):
+    from rag_app.rerank import Reranker
+
+    q = "symptoms of shingles"
+    chunks = pipe.retrieve(q, k=4)
+    cands = pipe.retriever.search(q, pipe.retrieval.candidates)
+    assert [c.id for c in chunks] == [c.id for c in cands[:4]]
     assert "rerank" in chunks[0].scores and chunks[0].title == "Shingles"
+    qvec = pipe.embedder.encode([q])[0]
+    cos = {c.id: float(v) for c, v in zip(cands, pipe.reranker.score(q, cands, qvec))}
+    assert [c.score for c in chunks] == pytest.approx([cos[c.id] for c in chunks], abs=1e-5)
+    by_cosine = Reranker(pipe.index, pipe.embedder, None, reorder=True).rerank(q, cands, 4)
+    assert [c.score for c in by_cosine] == pytest.approx(sorted(cos.values(), reverse=True)[:4],
+                                                         abs=1e-5)
+    assert pipe.reranker.kind == "hybrid order" and not pipe.is_weak(chunks)
 
 
 @pytest.mark.parametrize("q,msg", [("", "empty"), ("   \n", "empty"),

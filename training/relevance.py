@@ -199,8 +199,8 @@ def ranking_queries(dataset: str, index, limit: int | None):
     holds only some held-out titles), sorted by id, the first `limit`."""
     from rag_app.datasets import RetrievalDataset, load_retrieval_dataset
 
-    if dataset == "medquad-test":
-        ds = load_retrieval_dataset("medquad-test")
+    if dataset in ("medquad-test", "medquad-dev"):  # dev: training-side foci, for choices
+        ds = load_retrieval_dataset(dataset)
     elif dataset == "pubmedqa-heldout":
         from rag_app.datasets import pubmedqa_heldout_pmids
 
@@ -210,7 +210,7 @@ def ranking_queries(dataset: str, index, limit: int | None):
                               {q: r for q, r in full.qrels.items() if q in held})
     else:
         raise ValueError(f"ranking dataset {dataset!r} is invalid: choose from "
-                         f"{RANKING_DATASETS}")
+                         f"{RANKING_DATASETS + ('medquad-dev',)}")
     docs = {c.doc_id for c in index.chunks}
     ids = sorted(q for q, rel in ds.qrels.items() if rel <= docs)
     if not ids:
@@ -237,7 +237,7 @@ def ranking_eval(index_name: str, rerankers: dict[str, str | None],
     pipe = RagPipeline(index_name, retrieval=RetrievalConfig(candidates=candidates),
                        reranker=None, build_if_missing=False)
     index, emb = pipe.index, pipe.embedder
-    rr = {name: Reranker(index, emb, ref) for name, ref in rerankers.items()}
+    rr = {name: Reranker(index, emb, ref, reorder=True) for name, ref in rerankers.items()}
     out = {"index": index_name, "n_chunks": len(index), "candidates": candidates,
            "datasets": {}}
     for dname in datasets:
