@@ -258,6 +258,13 @@ def test_adaptive_kl_and_shaping_signs():
     assert shaping_terms("Gout is caused by uric acid [1].", srcs, [1], cfg)["citation"] > 0
     assert shaping_terms("Gout is caused by uric acid [3].", srcs, [1], cfg)["citation"] < 0
     assert shaping_terms("gout " * 200, srcs, [1], cfg)["length"] < 0
+    assert shaping_terms("Yes.", srcs, [1], cfg)["grounding"] == 0  # off by default
+    cfg = PPOConfig(grounding_coef=0.5)
+    grounded = shaping_terms("Gout is caused by uric acid crystals [1].", srcs, [1], cfg)
+    assert grounded["grounding"] == pytest.approx(0.0)
+    assert shaping_terms("Yes.", srcs, [1], cfg)["grounding"] == pytest.approx(-0.5)
+    half = shaping_terms("Gout is caused by sunlight exposure [1].", srcs, [1], cfg)
+    assert -0.5 < half["grounding"] < 0
 
 
 # ---------------------------------------------------------------- PPO and DPO runs ----------

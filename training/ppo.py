@@ -14,7 +14,8 @@ functions:
 The policy is the starting generator (training/policy.py: start_policy) with a fresh LoRA
 adapter; the reference is the same model with the adapter disabled (no second copy); the value
 head is a linear layer on the policy's last hidden state. Reward shaping terms (length,
-citation validity, refusal when the evidence is missing: training/data.py rubric_score) are
+citation validity, refusal when the evidence is missing, grounding: training/data.py
+rubric_score) are
 added to the score with their own coefficients and logged separately. Rewards are normalised
 by running moments; training stops early when the mean KL passes `kl_stop`. Checkpoints
 (adapter, value head, optimiser, KL controller, moments, step, log) every `save_steps`;
@@ -70,6 +71,7 @@ class PPOConfig(TrainConfig):
     length_coef: float = 0.2
     citation_coef: float = 0.3
     refusal_coef: float = 0.5
+    grounding_coef: float = 0.0  # x (grounding - 1): minus the share of ungrounded content words
     # LoRA
     lora_r: int = 8
     lora_alpha: int = 16
@@ -177,13 +179,15 @@ class RunningMoments:
 def shaping_terms(answer: str, sources: list, gold_numbers: list | None, cfg: PPOConfig) -> dict:
     """The configurable shaping terms, each coefficient x rubric term (training/data.py):
     length (<= 0: words beyond 60), citation (+ cites given sources, - cites missing ones),
-    refusal (+ refuses when no source answers, - refuses wrongly or answers without evidence)."""
+    refusal (+ refuses when no source answers, - refuses wrongly or answers without evidence),
+    grounding (<= 0: minus the share of the answer's content words absent from its sources)."""
     from .data import rubric_score
 
     r = rubric_score(answer, sources, gold_numbers)
     return {"length": cfg.length_coef * r["length"],
             "citation": cfg.citation_coef * r["citation"],
-            "refusal": cfg.refusal_coef * r["refusal"]}
+            "refusal": cfg.refusal_coef * r["refusal"],
+            "grounding": cfg.grounding_coef * (r["grounding"] - 1.0)}
 
 
 # ---------------------------------------------------------------- the model ------------------
