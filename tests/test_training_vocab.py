@@ -227,3 +227,26 @@ def test_distill_stage_expands_added_tokens_to_their_old_pieces_and_lowers_its_l
         warm_new_tokens(model, tok, "mlm", blocks, cfg)
     with pytest.raises(ValueError, match="new_token_objective"):
         PretrainConfig(new_token_objective="other")
+
+
+def test_token_attribution_splits_nats_by_span_of_the_adapted_tokenisation():
+    """training/token_attribution.py: the same model and tokenizer on both sides put every nat
+    in "other", equal on both sides; with added tokens the added words and the tokens after them
+    get their own share on both sides."""
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.pretrain import added_token_ids
+    from training.token_attribution import attribute
+
+    tok, model = _tiny_untied_llama()
+    old_tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    texts = [" In glomerulonephritis the kidney fails, and pheochromocytoma raises blood "
+             "pressure."] * 2
+    same = attribute((model, old_tok), (model, old_tok), texts, set())
+    assert same["new"] == same["after"] == [0.0, 0.0]
+    assert same["other"][0] == same["other"][1] > 0
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    res = attribute((model, old_tok), (model, tok), texts, set(added_token_ids(tok)))
+    assert all(v > 0 for c in ("new", "after", "other") for v in res[c])
+    assert res["other"][0] == pytest.approx(res["other"][1], rel=0.5)
