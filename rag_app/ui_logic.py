@@ -120,13 +120,13 @@ class AppState:
         self.tuned.share_retrieval_from(self.base)
 
     def reranker_label(self) -> str:
-        ref = self.base.reranker.model_ref
+        rr = self.base.reranker
+        ref = rr.model_ref
         if not ref:
             return "hybrid order, no relevance model (bi-encoder cosine gates weak evidence)"
-        for e in ModelRegistry().list("relevance"):
-            if e["path"] == ref:
-                return f"relevance model {e['name']}"
-        return f"relevance model {ref}"
+        name = next((e["name"] for e in ModelRegistry().list("relevance") if e["path"] == ref),
+                    ref)
+        return f"relevance model {name} (weight {rr.weight:g}, fused with the hybrid scores)"
 
     # -- the Ask event
     def ask(self, question: str, top_k: int = 5) -> Iterator[tuple]:

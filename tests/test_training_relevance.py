@@ -93,8 +93,31 @@ def test_reranker_uses_registered_model(tiny_run, small_index, embedder):
             predict(pairs, **kw)
         again = rr.score("What is asthma?", small_index.chunks[:6])
         assert calls == [1] and np.allclose(again[:5], first)
+        # the order fuses the classifier with the hybrid scores: weight 1 = classifier alone,
+        # weight 0 = the given (hybrid) order; the score kept is the classifier's either way
+        hybrid = [c.with_score(1.0 - i / 10, "hybrid") for i, c in enumerate(cands)]
+        alone = Reranker(small_index, embedder, entry["path"], weight=1.0).rerank(
+            "What is asthma?", hybrid, 5)
+        assert [c.id for c in alone] == [hybrid[i].id for i in np.argsort(-first,
+                                                                          kind="stable")]
+        kept = Reranker(small_index, embedder, entry["path"], weight=0.0).rerank(
+            "What is asthma?", hybrid, 5)
+        assert [c.id for c in kept] == [c.id for c in hybrid]
+        assert sorted(c.scores["rerank"] for c in kept) == pytest.approx(sorted(first))
+        with pytest.raises(ValueError, match="rerank weight"):
+            Reranker(small_index, embedder, entry["path"], weight=1.5)
     finally:
         ModelRegistry().rollback("relevance")
+
+
+def test_fuse_scores_is_a_convex_combination_of_min_max_scores():
+    from rag_app.rerank import fuse_scores
+
+    ce, hy = np.array([0.9, 0.1, 0.5]), np.array([3.0, 5.0, 4.0])
+    assert fuse_scores(ce, hy, 1.0) == pytest.approx([1.0, 0.0, 0.5])
+    assert fuse_scores(ce, hy, 0.0) == pytest.approx([0.0, 1.0, 0.5])
+    assert fuse_scores(ce, hy, 0.5) == pytest.approx([0.5, 0.5, 0.5])
+    assert fuse_scores(np.ones(3), hy, 0.5) == pytest.approx([0.5, 1.0, 0.75])
 
 
 def test_resume_continues_from_checkpoint(tiny_run):
@@ -123,3 +146,46 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_config(RelevanceConfig, "relevance-tiny.yaml", ["max_steps=0"])
     with pytest.raises(ValueError, match="--resume"):
         run(cfg, output=str(tmp_path / "empty"), resume=True)
+
+
+def test_val_ranking_queries_come_from_the_validation_groups_only():
+    from types import SimpleNamespace
+
+    from training.data import load_split
+    from training.relevance import ranking_queries
+
+    val = load_split("val", ("pubmedqa",))
+    train_ids = {q.qid for q in load_split("train", ("pubmedqa",)).queries}
+    docs = [SimpleNamespace(doc_id=d) for q in val.queries for d in q.positives]
+    ds = ranking_queries("pubmedqa-val", SimpleNamespace(chunks=docs), 5)
+    assert len(ds.queries) == 5 and not set(ds.queries) & train_ids
+    assert all(ds.qrels[q] == set(next(x for x in val.queries if x.qid == q).positives)
+               for q in ds.queries)
+    with pytest.raises(ValueError, match="medquad-val"):
+        ranking_queries("pubmedqa-dev", SimpleNamespace(chunks=docs), 5)
+
+
+def test_eval_index_build_refuses_the_default_index_and_unknown_embedders():
+    from training.cli import build_eval_index
+
+    with pytest.raises(ValueError, match="not the app's default"):
+        build_eval_index("default")
+    with pytest.raises(ValueError, match="not registered"):
+        build_eval_index("eval-x", "no-such-embedder")
+
+
+def test_sample_by_source_gives_each_named_source_its_share():
+    from collections import Counter
+
+    from training.data import load_split, sample_by_source, sample_queries
+
+    ps = load_split("train", ("medquad", "pubmedqa"))
+    s = sample_by_source(ps, 200, 7, {"pubmedqa": 0.3})
+    assert Counter(q.source for q in s.queries) == {"pubmedqa": 60, "medquad": 140}
+    assert len({q.qid for q in s.queries}) == 200
+    again = sample_by_source(ps, 200, 7, {"pubmedqa": 0.3})
+    assert [q.qid for q in again.queries] == [q.qid for q in s.queries]
+    plain = sample_by_source(ps, 50, 7, {})
+    assert [q.qid for q in plain.queries] == [q.qid for q in sample_queries(ps, 50, 7).queries]
+    with pytest.raises(ValueError, match="pubmedqa_share"):
+        RelevanceConfig(pubmedqa_share=1.5)

@@ -69,6 +69,16 @@ def add_eval_parsers(esub) -> None:
     k.add_argument("--limit", type=int, default=50, help="queries per dataset")
     k.add_argument("--candidates", type=int, default=50)
     k.add_argument("--no-cosine", action="store_true", help="skip the bi-encoder rerank row")
+    k.add_argument("--build-index", action="store_true",
+                   help="first (re)build --index from the evaluation corpus: every passage of 40 "
+                        "held-out MedQuAD titles and of the PubMedQA held-out fold, plus "
+                        "distractors (training.data.eval_corpus; ~2k chunks)")
+    k.add_argument("--embedder", default="default",
+                   help="with --build-index: the embedder (default | tuned | registered "
+                        "name | path); queries then use the index's embedder")
+    k.add_argument("--weights", default="",
+                   help="classifier shares to fuse with the hybrid scores, e.g. 0.3,0.5,1 "
+                        "(one row each, one scoring pass; default: the serving weight)")
     k.add_argument("--out", help="write JSON here (+ a .png plot)")
     m = esub.add_parser("lm", help="language-model perplexity on held-out domain / general text")
     m.add_argument("--model", action="append", default=[],
@@ -212,10 +222,29 @@ def print_ranking(res: dict) -> None:
     for d, r in res["datasets"].items():
         print(f"{d}: {r['queries']} queries, hybrid top-{res['candidates']} from index "
               f"{res['index']} ({res['n_chunks']} chunks)")
-        print(f"  {'system':28s} {'nDCG@10':>8s} {'MRR@10':>8s} {'R@10':>8s} {'ms/q':>8s}")
+        print(f"  {'system':36s} {'nDCG@10':>8s} {'MRR@10':>8s} {'R@10':>8s} {'ms/q':>8s}")
         for name, m in r["systems"].items():
-            print(f"  {name:28s} {m['ndcg@10']:8.4f} {m['mrr@10']:8.4f} {m['recall@10']:8.4f} "
+            print(f"  {name:36s} {m['ndcg@10']:8.4f} {m['mrr@10']:8.4f} {m['recall@10']:8.4f} "
                   f"{m.get('rerank_ms_per_query', 0):8.0f}")
+
+
+def build_eval_index(name: str, embedder: str = "default") -> None:
+    """indexes/NAME from the evaluation corpus (runs/eval_corpus.jsonl), embedded with
+    `embedder` ("tuned" = the active embedder)."""
+    from rag_app.index import index_path
+    from rag_app.pipeline import build_index
+
+    from .data import eval_corpus, write_jsonl
+
+    if name == "default":
+        raise ValueError("--build-index rebuilds --index from the evaluation corpus: name "
+                         "another index (e.g. --index eval), not the app's default")
+    if embedder != "default":
+        embedder = resolve_model(embedder, "embedder")
+    index_path(name)  # validates the name before any work
+    corpus = write_jsonl(eval_corpus(), Path("runs") / "eval_corpus.jsonl")
+    index, _ = build_index(name, [str(corpus)], embedder=embedder)
+    print(f"built index {name}: {len(index)} chunks from {corpus} ({embedder})")
 
 
 def _save(out: str | None, result: dict, plot) -> None:
@@ -257,8 +286,11 @@ def run_eval(args) -> int:
 
         rr: dict = {} if args.no_cosine else {"hybrid + bi-encoder rerank": None}
         rr |= {f"hybrid + {k}": v for k, v in _labelled(args.model).items()}
+        if args.build_index:
+            build_eval_index(args.index, args.embedder)
+        weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
         res = ranking_eval(args.index, rr, tuple(d.strip() for d in args.datasets.split(",")),
-                           args.limit, args.candidates)
+                           args.limit, args.candidates, weights or None)
         print_ranking(res)
         _save(args.out, res, plot_ranking)
         return 0

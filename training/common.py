@@ -76,6 +76,9 @@ class TrainConfig:
     n_val_queries: int = 200
     n_eval_queries: int = 300  # held-out queries for the classification eval
     sources: str = "medquad,pubmedqa"
+    # share of the TRAINING queries drawn from PubMedQA (0 = in proportion to the split:
+    # ~3% of the training side, too few to learn what an abstract's relevance looks like)
+    pubmedqa_share: float = 0.0
     n_hard: int = 2  # hard negatives per query (same focus/other qtype + bi-encoder mined)
     n_random: int = 1
     mine_top: int = 30
@@ -92,6 +95,8 @@ class TrainConfig:
                 raise ValueError(f"{f}={getattr(self, f)!r} is invalid: use a positive integer")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate={self.learning_rate!r} is invalid: use 0 < lr < 1")
+        if not 0 <= self.pubmedqa_share <= 1:
+            raise ValueError(f"pubmedqa_share={self.pubmedqa_share!r} is invalid: use 0..1")
 
     @property
     def source_list(self) -> tuple[str, ...]:

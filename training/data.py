@@ -175,6 +175,25 @@ def sample_queries(ps: PairSet, n: int | None, seed: int) -> PairSet:
     return PairSet(qs[:n], ps.passages, ps.description | {"n_queries_cap": n})
 
 
+def sample_by_source(ps: PairSet, n: int | None, seed: int, shares: dict[str, float]
+                     ) -> PairSet:
+    """n queries: round(n * share) from each source named in `shares`
+    (capped by what the split has), the rest sampled from the other sources; seeded, and
+    without shares the same as `sample_queries`. The passage pool is unchanged."""
+    if not shares or not n:
+        return sample_queries(ps, n, seed)
+    picked: list[Query] = []
+    for src, share in sorted(shares.items()):
+        own = PairSet([q for q in ps.queries if q.source == src], ps.passages, ps.description)
+        picked += sample_queries(own, max(1, round(n * share)), seed).queries
+    rest = PairSet([q for q in ps.queries if q.source not in shares], ps.passages,
+                   ps.description)
+    if n > len(picked):  # (sample_queries reads n = 0 as "all")
+        picked += sample_queries(rest, n - len(picked), seed).queries
+    return PairSet(picked, ps.passages, ps.description | {"n_queries_cap": n,
+                                                          "source_shares": shares})
+
+
 def _norm(q: str) -> str:
     return " ".join(q.lower().split()).rstrip(" ?")
 

@@ -22,7 +22,7 @@ from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
                      finish_run, resume_checkpoint, set_seed, start_run,
                      trainer_args_common)
 from .data import PairSet, describe_pairs, load_split, mine_negatives, relevance_pairs, \
-    sample_queries
+    sample_by_source, sample_queries
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ class RelevanceConfig(TrainConfig):
 # ---------- data ----------
 def build_pairs(cfg: TrainConfig, split: str, n_queries: int, embedder, cache_dir: Path | None,
                 queries_override: PairSet | None = None) -> tuple[list[dict], PairSet]:
-    ps = queries_override or sample_queries(load_split(split, cfg.source_list), n_queries,
-                                            cfg.seed)
+    shares = {"pubmedqa": cfg.pubmedqa_share} if split == "train" and cfg.pubmedqa_share \
+        and "pubmedqa" in cfg.source_list else {}
+    ps = queries_override or sample_by_source(load_split(split, cfg.source_list), n_queries,
+                                              cfg.seed, shares)
     mined = mine_negatives(ps, embedder, cfg.n_hard, cfg.n_random, cfg.mine_top,
                            cfg.mine_pool, cfg.seed, cache_dir, cfg.mine_words)
     return relevance_pairs(ps, mined, getattr(cfg, "max_positives", 2)), ps
@@ -192,14 +194,19 @@ def run(cfg: RelevanceConfig, output: str | None = None, progress_file: str | No
 
 # ---------- ranking eval ----------
 RANKING_DATASETS = ("medquad-test", "pubmedqa-heldout")
+VAL_DATASETS = ("medquad-val", "pubmedqa-val")
 
 
 def ranking_queries(dataset: str, index, limit: int | None):
-    """Held-out queries whose relevant passages are all in the index (a modest eval index
-    holds only some held-out titles), sorted by id, the first `limit`."""
+    """Queries whose relevant passages are all in the index (a modest eval index holds only
+    some held-out titles), sorted by id, the first `limit`. medquad-test / pubmedqa-heldout are
+    the held-out evaluation; medquad-val / pubmedqa-val are the training side's validation
+    groups (`training.data.split_of`: never trained on by any recipe here) for choosing
+    settings such as the rerank weight; medquad-dev is an older dev slice of training-side
+    foci (a trained classifier may have seen its questions)."""
     from rag_app.datasets import RetrievalDataset, load_retrieval_dataset
 
-    if dataset in ("medquad-test", "medquad-dev"):  # dev: training-side foci, for choices
+    if dataset in ("medquad-test", "medquad-dev"):
         ds = load_retrieval_dataset(dataset)
     elif dataset == "pubmedqa-heldout":
         from rag_app.datasets import pubmedqa_heldout_pmids
@@ -208,11 +215,15 @@ def ranking_queries(dataset: str, index, limit: int | None):
         ds = RetrievalDataset("pubmedqa-heldout", {q: t for q, t in full.queries.items()
                                                    if q in held},
                               {q: r for q, r in full.qrels.items() if q in held})
+    elif dataset in VAL_DATASETS:
+        ps = load_split("val", (dataset.split("-")[0],))
+        ds = RetrievalDataset(dataset, {q.qid: q.text for q in ps.queries},
+                              {q.qid: set(q.positives) for q in ps.queries})
     else:
         raise ValueError(f"ranking dataset {dataset!r} is invalid: choose from "
-                         f"{RANKING_DATASETS + ('medquad-dev',)}")
+                         f"{RANKING_DATASETS + VAL_DATASETS + ('medquad-dev',)}")
     docs = {c.doc_id for c in index.chunks}
-    ids = sorted(q for q, rel in ds.qrels.items() if rel <= docs)
+    ids = sorted(q for q, rel in ds.qrels.items() if rel and rel <= docs)
     if not ids:
         raise ValueError(f"index has none of the {dataset} passages: build an eval index with "
                          "`rag eval ranking --build-index` or pass --index default")
@@ -223,26 +234,33 @@ def ranking_queries(dataset: str, index, limit: int | None):
 
 def ranking_eval(index_name: str, rerankers: dict[str, str | None],
                  datasets: tuple[str, ...] = RANKING_DATASETS, limit: int | None = 50,
-                 candidates: int = 50) -> dict:
+                 candidates: int = 50, weights: tuple[float, ...] | None = None) -> dict:
     """nDCG@10 / MRR@10 / Recall@10 of the hybrid top-`candidates` ("hybrid"), and of the same
     candidates reranked by each entry of `rerankers` (name -> cross-encoder path, or None for
-    the bi-encoder cosine the app uses without a trained model)."""
+    the bi-encoder cosine the app uses without a trained model). A classifier gets one row per
+    rerank weight in `weights` (its share when fused with the hybrid scores; default: the
+    serving weight), from ONE scoring pass per query."""
     from tqdm.auto import tqdm
 
     from rag_app.config import RetrievalConfig
     from rag_app.evaluate import dedupe_docs, retrieval_metrics
     from rag_app.pipeline import RagPipeline
-    from rag_app.rerank import Reranker
+    from rag_app.rerank import RERANK_WEIGHT, Reranker
 
+    weights = tuple(weights) if weights else (RERANK_WEIGHT,)
     pipe = RagPipeline(index_name, retrieval=RetrievalConfig(candidates=candidates),
                        reranker=None, build_if_missing=False)
     index, emb = pipe.index, pipe.embedder
     rr = {name: Reranker(index, emb, ref, reorder=True) for name, ref in rerankers.items()}
+    rows = {name: ([(f"{name} (w={w:g})", w) for w in weights]
+                   if ref and len(weights) > 1 else [(name, weights[0])])
+            for name, ref in rerankers.items()}
     out = {"index": index_name, "n_chunks": len(index), "candidates": candidates,
-           "datasets": {}}
+           "weights": list(weights), "datasets": {}}
     for dname in datasets:
         ds = ranking_queries(dname, index, limit)
-        runs: dict[str, dict[str, list[str]]] = {"hybrid": {}} | {n: {} for n in rr}
+        runs: dict[str, dict[str, list[str]]] = {"hybrid": {}}
+        runs |= {label: {} for rs in rows.values() for label, _ in rs}
         secs = {n: 0.0 for n in rr}
         for qid, q in tqdm(list(ds.queries.items()), desc=f"ranking {dname}", unit="q"):
             qvec = emb.encode([q])
@@ -251,15 +269,20 @@ def ranking_eval(index_name: str, rerankers: dict[str, str | None],
             runs["hybrid"][qid] = dedupe_docs([c.doc_id for c in cands], 100)
             for name, r in rr.items():
                 t = time.perf_counter()
-                ranked = r.rerank(q, cands, len(cands), query_vec=qvec[0])
+                scores = r.score(q, cands, qvec[0])
                 secs[name] += time.perf_counter() - t
-                runs[name][qid] = dedupe_docs([c.doc_id for c in ranked], 100)
+                for label, w in rows[name]:
+                    runs[label][qid] = dedupe_docs(
+                        [cands[i].doc_id for i in r.order(scores, cands, w)], 100)
         res = {}
         for name, run_ in runs.items():
             m = retrieval_metrics(run_, ds.qrels)
             res[name] = {k: m[k] for k in ("ndcg@10", "mrr@10", "recall@10")}
-            if name in secs:
-                res[name]["rerank_ms_per_query"] = 1000 * secs[name] / max(len(ds.queries), 1)
+        for name, rs in rows.items():
+            for label, w in rs:
+                res[label]["rerank_ms_per_query"] = 1000 * secs[name] / max(len(ds.queries), 1)
+                if rerankers[name]:
+                    res[label]["weight"] = w
         out["datasets"][dname] = {"queries": len(ds.queries), "systems": res}
     return out
 

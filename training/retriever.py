@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 from .common import (RunManifest, TrainConfig, resolve_base, finish_run, resume_checkpoint,
                      start_run, trainer_args_common)
-from .data import PairSet, load_split, mine_negatives, retriever_triplets, sample_queries
+from .data import (PairSet, load_split, mine_negatives, retriever_triplets,
+                   sample_by_source, sample_queries)
 
 
 @dataclass
@@ -62,7 +63,10 @@ def run(cfg: RetrieverConfig, output: str | None = None, progress_file: str | No
     t0, out, progress, _ = start_run("retriever", cfg, output, progress_file, resume)
     try:
         emb = embedder or SentenceTransformerEmbedder(cfg.mining_embedder)
-        train = sample_queries(load_split("train", cfg.source_list), cfg.n_queries, cfg.seed)
+        shares = {"pubmedqa": cfg.pubmedqa_share} if cfg.pubmedqa_share and \
+            "pubmedqa" in cfg.source_list else {}
+        train = sample_by_source(load_split("train", cfg.source_list), cfg.n_queries, cfg.seed,
+                                 shares)
         mined = mine_negatives(train, emb, cfg.n_hard, cfg.n_random, cfg.mine_top,
                                cfg.mine_pool, cfg.seed, out.parent / ".cache", cfg.mine_words)
         rows = retriever_triplets(train, mined, cfg.seed)
