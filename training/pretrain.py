@@ -73,8 +73,6 @@ class PretrainConfig(TrainConfig):
     # tokens expanded back into their pieces): soft targets from the old-tokenisation pass at
     # the aligned position (over the old vocabulary), the real token where it is an added one
     new_token_objective: str = "lm"
-    # the last documents of the train side, never trained on (`rag eval lm --text domain-val`)
-    val_fraction: float = 0.05
 
     def __post_init__(self):
         super().__post_init__()
@@ -394,7 +392,8 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
         n_train = cfg.train_blocks or \
             cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
-        pool_docs, _ = train_val_split(train_docs, cfg.val_fraction)
+        # the tail (lmdata.VAL_FRACTION) is `rag eval lm --text domain-val`: never trained on
+        pool_docs, _ = train_val_split(train_docs)
         train_blocks = pack([d.text for d in pool_docs], tok, cfg.block_size, n_train)
         evals = {"domain-heldout": pack([d.text for d in held_docs], tok, cfg.block_size,
                                         cfg.eval_blocks) if cfg.eval_blocks else [],

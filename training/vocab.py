@@ -37,7 +37,6 @@ class VocabConfig(TrainConfig):
     heldout_fraction: float = 0.05
     split_seed: int = 0
     max_docs: int = 0  # domain documents mined (0 = all of the train side)
-    val_fraction: float = 0.05  # the train side's validation slice is not mined
     top_n: int = 300
     min_pieces: int = 3
     min_count: int = 20
@@ -184,7 +183,8 @@ def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None =
         model, tok, objective, info = load_lm(start)
         train_docs, held_docs = text_split(cfg.domain_text, cfg.heldout_fraction, cfg.split_seed)
         gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
-        pool_docs, _ = train_val_split(train_docs, cfg.val_fraction)
+        # the validation tail (`rag eval lm --text domain-val`) is not mined
+        pool_docs, _ = train_val_split(train_docs)
         mined_docs = pool_docs[:cfg.max_docs] if cfg.max_docs else pool_docs
         terms = mine_terms(tok, [d.text for d in mined_docs],
                            [d.text for d in gen_train + gen_held], cfg.top_n, cfg.min_pieces,
