@@ -45,7 +45,7 @@ def main() -> None:
         for q in qs:
             cands = pipe.retriever.search(q, n)
             for _ in range(a.repeats):
-                ce._cache.clear()
+                ce.clear_cache()
                 for name, r in (("bi-encoder", bi), ("cross-encoder", ce),
                                 ("cross-encoder cached", ce)):
                     t = time.perf_counter()

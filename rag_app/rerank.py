@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .index import ChunkIndex
+from .retrieve import minmax
 from .types import Chunk
 
 # A score below these means the best evidence is weak: cosine for the bi-encoder (off-topic
@@ -36,19 +37,14 @@ RERANK_WEIGHT = 0.4
 
 def fuse_scores(classifier: np.ndarray, hybrid: np.ndarray, weight: float) -> np.ndarray:
     """weight * minmax(classifier) + (1 - weight) * minmax(hybrid) over one query's candidates
-    (a constant list normalises to 1)."""
-    def mm(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        span = x.max() - x.min() if len(x) else 0.0
-        return (x - x.min()) / span if span > 0 else np.ones_like(x)
-
-    return weight * mm(classifier) + (1.0 - weight) * mm(hybrid)
+    (a constant list normalises to 1, as in the hybrid's own cc fusion)."""
+    return weight * minmax(classifier) + (1.0 - weight) * minmax(hybrid)
 
 
 class Reranker:
     def __init__(self, index: ChunkIndex, embedder, model: str | None = None,
                  weak_threshold: float | None = None, reorder: bool | None = None,
-                 weight: float | None = None, max_length: int | None = None):
+                 weight: float | None = None):
         self.index = index
         self.embedder = embedder
         self.model_ref = model
@@ -58,7 +54,6 @@ class Reranker:
         self.cache_size = 4096  # (question, chunk id) -> classifier score
         self.reorder = bool(model) if reorder is None else reorder
         self.weight = RERANK_WEIGHT if weight is None else float(weight)
-        self.max_length = max_length  # None: the length saved with the classifier
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"rerank weight={self.weight} is invalid: use 0..1 (the "
                              "classifier's share; 1 = classifier alone)")
@@ -78,8 +73,6 @@ class Reranker:
                 raise ValueError(f"cannot load relevance classifier {self.model_ref!r} ({e}): "
                                  "pass a valid cross-encoder folder, or unset it to rerank "
                                  "with the bi-encoder") from None
-            if self.max_length:
-                self._cross.max_seq_length = self.max_length
         return self._cross
 
     def score(self, question: str, chunks: list[Chunk],
@@ -95,6 +88,10 @@ class Reranker:
         else:
             vecs = self.index.vectors([self.index.row_of(c.id) for c in chunks])
         return vecs @ np.asarray(query_vec, dtype=np.float32)
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
 
     def _cross_scores(self, question: str, chunks: list[Chunk]) -> np.ndarray:
         """Classifier scores, cached per (question, chunk): asking again, or answering the same

@@ -26,6 +26,13 @@ def rrf_fuse(rankings: list[list[int]], k: int = 60,
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def minmax(values) -> np.ndarray:
+    """Scores min-max normalised to [0, 1] (best 1); a constant list normalises to 1."""
+    x = np.asarray(values, dtype=np.float64)
+    span = x.max() - x.min() if len(x) else 0.0
+    return (x - x.min()) / span if span > 0 else np.ones_like(x)
+
+
 def cc_fuse(scored: list[list[tuple[int, float]]],
             weights: list[float] | None = None) -> list[tuple[int, float]]:
     """Convex combination fusion: each list's scores are min-max normalised over that list
@@ -35,12 +42,8 @@ def cc_fuse(scored: list[list[tuple[int, float]]],
     for rows, w in zip(scored, weights):
         if not rows:
             continue
-        vals = [s for _, s in rows]
-        lo, hi = min(vals), max(vals)
-        span = hi - lo
-        for row, s in rows:
-            norm = (s - lo) / span if span > 0 else 1.0
-            fused[row] = fused.get(row, 0.0) + w * norm
+        for (row, _), norm in zip(rows, minmax([s for _, s in rows])):
+            fused[row] = fused.get(row, 0.0) + w * float(norm)
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
 

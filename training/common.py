@@ -102,6 +102,13 @@ class TrainConfig:
     def source_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.sources.split(",") if s.strip())
 
+    @property
+    def train_shares(self) -> dict[str, float]:
+        """Per-source shares of the training queries for `data.sample_by_source` ({} =
+        proportional sampling)."""
+        return {"pubmedqa": self.pubmedqa_share} if self.pubmedqa_share and \
+            "pubmedqa" in self.source_list else {}
+
 
 def _cast(value: Any, typ) -> Any:
     typ = typ if isinstance(typ, type) else {"int": int, "float": float, "str": str,

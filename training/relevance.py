@@ -22,7 +22,7 @@ from .common import (ProgressCallback, RunManifest, TrainConfig, resolve_base,
                      finish_run, resume_checkpoint, set_seed, start_run,
                      trainer_args_common)
 from .data import PairSet, describe_pairs, load_split, mine_negatives, relevance_pairs, \
-    sample_by_source, sample_queries
+    sample_by_source
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ class RelevanceConfig(TrainConfig):
 # ---------- data ----------
 def build_pairs(cfg: TrainConfig, split: str, n_queries: int, embedder, cache_dir: Path | None,
                 queries_override: PairSet | None = None) -> tuple[list[dict], PairSet]:
-    shares = {"pubmedqa": cfg.pubmedqa_share} if split == "train" and cfg.pubmedqa_share \
-        and "pubmedqa" in cfg.source_list else {}
     ps = queries_override or sample_by_source(load_split(split, cfg.source_list), n_queries,
-                                              cfg.seed, shares)
+                                              cfg.seed, cfg.train_shares if split == "train"
+                                              else {})
     mined = mine_negatives(ps, embedder, cfg.n_hard, cfg.n_random, cfg.mine_top,
                            cfg.mine_pool, cfg.seed, cache_dir, cfg.mine_words)
     return relevance_pairs(ps, mined, getattr(cfg, "max_positives", 2)), ps

@@ -63,10 +63,8 @@ def run(cfg: RetrieverConfig, output: str | None = None, progress_file: str | No
     t0, out, progress, _ = start_run("retriever", cfg, output, progress_file, resume)
     try:
         emb = embedder or SentenceTransformerEmbedder(cfg.mining_embedder)
-        shares = {"pubmedqa": cfg.pubmedqa_share} if cfg.pubmedqa_share and \
-            "pubmedqa" in cfg.source_list else {}
         train = sample_by_source(load_split("train", cfg.source_list), cfg.n_queries, cfg.seed,
-                                 shares)
+                                 cfg.train_shares)
         mined = mine_negatives(train, emb, cfg.n_hard, cfg.n_random, cfg.mine_top,
                                cfg.mine_pool, cfg.seed, out.parent / ".cache", cfg.mine_words)
         rows = retriever_triplets(train, mined, cfg.seed)
