@@ -132,3 +132,56 @@ def test_recipe_overrides_and_errors():
         load_config(InstructConfig, "instruct.yaml", ["max_prompt_tokens=600"])
     with pytest.raises(ValueError, match="unknown InstructConfig"):
         load_config(InstructConfig, "instruct.yaml", ["bogus=1"])
+
+
+def test_robustness_phrasings_and_metrics(tokenizer):
+    """Each held-out question once, gold present, never a training pmid; every unseen phrasing
+    replaces the serving instruction; accuracy/spread on hand-made answers."""
+    from rag_app.datasets import pubmedqa_heldout_pmids
+    from rag_app.prompts import ANSWER_INSTRUCTION
+    from training.augment import EVAL_INSTRUCTIONS
+    from training.robustness import (PHRASINGS, phrased_prompt, phrasing_metrics,
+                                     robustness_items, spread)
+
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct.yaml")
+    items = robustness_items(cfg, tokenizer)
+    held = pubmedqa_heldout_pmids()
+    assert len(items) > 80 and len({e.group for e, _ in items}) == len(items)
+    assert all(e.group in held and e.gold_numbers for e, _ in items)
+    assert {g for _, g in items} <= {"yes", "no", "maybe"}
+    prompt = items[0][0].prompt
+    assert len(PHRASINGS) == 6 and phrased_prompt(prompt, "serving") == prompt
+    for k, p in enumerate(PHRASINGS[1:]):
+        new = phrased_prompt(prompt, p)
+        assert EVAL_INSTRUCTIONS[k] in new and ANSWER_INSTRUCTION not in new
+        assert new.replace(EVAL_INSTRUCTIONS[k], ANSWER_INSTRUCTION) == prompt
+    with pytest.raises(ValueError, match="exactly once"):
+        phrased_prompt("no instruction here", "unseen-1")
+    m = phrasing_metrics(["Yes. It does [1].", "No.", "It is unclear", "Based on [1], yes."],
+                         ["yes", "yes", "maybe", "no"])
+    assert m["accuracy"] == pytest.approx(0.5) and m["yes_share"] == pytest.approx(0.5)
+    assert m["decision_stated"] == pytest.approx(0.75)  # "unclear" is not a stated decision
+    per = {p: {"accuracy": a} for p, a in zip(PHRASINGS, (0.9, 0.5, 0.6, 0.55, 0.7, 0.52))}
+    assert spread(per) == pytest.approx(0.2)  # the serving phrasing is not counted
+
+
+def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
+    from rag_app.cli import main
+
+    out = tmp_path / "rob.json"
+    assert main(["eval", "robustness", "--model", "base", "--model", "tuned=instruct-tiny",
+                 "--limit", "2", "--max-new-tokens", "2", "--batch-size", "6", "--out",
+                 str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and list(res["models"]) == ["base", "tuned"]
+    for m in res["models"].values():
+        assert len(m["phrasings"]) == 6 and all(len(v["rows"]) == 2
+                                                for v in m["phrasings"].values())
+    assert out.with_suffix(".png").is_file() and "spread" in capsys.readouterr().out
+    cur = tmp_path / "curves.json"
+    assert main(["eval", "curves", "--model", "a=instruct-tiny", "--out", str(cur)]) == 0
+    c = json.loads(cur.read_text())["models"]["a"]
+    assert c["sampling"] == "random" and len(c["log"]) == tiny_run[0].max_steps
+    assert cur.with_suffix(".png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "curves"]) == 2 and "no --model" in capsys.readouterr().err

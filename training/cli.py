@@ -111,6 +111,22 @@ def add_eval_parsers(esub) -> None:
     o.add_argument("--n", type=int, default=24, help="held-out prompts (eval split)")
     o.add_argument("--max-new-tokens", type=int, default=64)
     o.add_argument("--out", help="write JSON here (+ a .png plot)")
+    b = esub.add_parser("robustness", help="generators: held-out PubMedQA decision accuracy "
+                        "under the serving instruction and 5 phrasings unseen in training")
+    b.add_argument("--model", action="append", default=[],
+                   help="base | tuned | registered name | path (repeatable; NAME=REF to label)")
+    b.add_argument("--limit", type=int, default=0, help="first N held-out questions (0 = all)")
+    b.add_argument("--max-new-tokens", type=int, default=16)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--recipe", default="instruct.yaml",
+                   help="prompt settings (n_sources, max_prompt_tokens, seed) from this recipe")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", help="write JSON here (+ a .png plot)")
+    c = esub.add_parser("curves", help="training-loss curves of registered runs on one plot "
+                        "(e.g. random vs curriculum sampling)")
+    c.add_argument("--model", action="append", default=[],
+                   help="registered run name (repeatable; NAME=REF to label)")
+    c.add_argument("--out", help="write JSON here (+ a .png plot)")
     for what, recipe, tokens, about in (
             ("summarize", "summarize.yaml", 48,
              "generators: ROUGE-1/2/L of greedy summaries of the held-out MeQSum questions"),
@@ -320,6 +336,20 @@ def run_eval(args) -> int:
         cfg = load_config(QAConfig, args.recipe, args.set)
         _save(args.out, eval_qa_gold(args.model or ["base", "tuned"], cfg, args.limit,
                                      args.max_new_tokens, args.batch_size), plot_qa_gold)
+        return 0
+    if args.what == "robustness":
+        from .common import load_config
+        from .instruct import InstructConfig
+        from .robustness import eval_robustness, plot_robustness
+
+        cfg = load_config(InstructConfig, args.recipe, args.set)
+        _save(args.out, eval_robustness(args.model or ["base", "tuned"], cfg, args.limit,
+                                        args.max_new_tokens, args.batch_size), plot_robustness)
+        return 0
+    if args.what == "curves":
+        from .robustness import plot_curves, run_curves
+
+        _save(args.out, run_curves(args.model), plot_curves)
         return 0
     if args.what == "lm":
         from .lm_eval import run_eval_lm

@@ -1,0 +1,231 @@
+"""`rag eval robustness`: how much a generator's answers depend on the instruction's wording.
+
+The held-out PubMedQA fold (never trained on) is rendered as RAFT prompts by THE serving prompt
+(gold passage among distractors, as `rag train instruct` builds them, from the instruct recipe's
+settings). Each prompt is asked once with the serving instruction (prompts.ANSWER_INSTRUCTION)
+and once with each of the 5 phrasings kept out of training (augment.EVAL_INSTRUCTIONS). Per
+phrasing: yes/no/maybe accuracy of the stated decision, the share of answers that state one in
+their first sentence, and the share of "yes". The spread is max - min accuracy over the 5
+unseen phrasings.
+
+`rag eval curves` (also here) puts the training-loss curves of registered runs on one plot:
+random vs curriculum sampling at equal steps, with the final train / eval losses.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .augment import EVAL_INSTRUCTIONS, check_disjoint, with_instruction
+
+PHRASINGS = ("serving",) + tuple(f"unseen-{i}" for i in range(1, len(EVAL_INSTRUCTIONS) + 1))
+
+
+def instruction_of(phrasing: str) -> str:
+    from rag_app.prompts import ANSWER_INSTRUCTION
+
+    if phrasing == "serving":
+        return ANSWER_INSTRUCTION
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing={phrasing!r} is invalid: choose one of {PHRASINGS}")
+    return EVAL_INSTRUCTIONS[PHRASINGS.index(phrasing) - 1]
+
+
+def robustness_items(cfg, tokenizer, limit: int = 0) -> list[tuple]:
+    """(RAFT example, gold decision): one per held-out PubMedQA question (the gold passage
+    always present), sorted by id."""
+    from .data import _pubmedqa_answers, instruction_examples, load_split
+
+    records = _pubmedqa_answers()
+    n_q = sum(q.qid in records for q in load_split("eval", ("pubmedqa",)).queries)
+    exs = instruction_examples(tokenizer, n_q, "eval", ("pubmedqa",), 1.0, cfg.n_sources,
+                               cfg.max_gold, 0.0, cfg.max_prompt_tokens, cfg.answer_words,
+                               cfg.seed + 2)
+    seen, items = set(), []
+    for e in sorted(exs, key=lambda e: e.qid):
+        qid = e.qid.partition(":")[0]
+        if qid not in seen:
+            seen.add(qid)
+            items.append((e, records[qid]["final_decision"]))
+    return items[:limit] if limit else items
+
+
+def phrased_prompt(prompt: str, phrasing: str) -> str:
+    if phrasing == "serving":
+        return prompt
+    out = with_instruction(prompt, instruction_of(phrasing))
+    if out == prompt:
+        raise ValueError("the prompt does not hold the serving instruction exactly once: the "
+                         "phrasing cannot be swapped in")
+    return out
+
+
+def phrasing_metrics(answers: list[str], golds: list[str]) -> dict:
+    from rag_app.evaluate import yes_no_maybe
+
+    decisions = [yes_no_maybe(a) for a in answers]
+    n = max(len(answers), 1)
+    stated = sum(bool(_first_sentence_decision(a)) for a in answers)
+    return {"accuracy": sum(d == g for d, g in zip(decisions, golds)) / n,
+            "decision_stated": stated / n,
+            "yes_share": decisions.count("yes") / n,
+            "mean_words": sum(len(a.split()) for a in answers) / n,
+            "predicted": dict(Counter(decisions))}
+
+
+def _first_sentence_decision(answer: str) -> str | None:
+    import re
+
+    first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0].lower()
+    m = re.search(r"\b(yes|no|maybe)\b", first)
+    return m.group(1) if m else None
+
+
+def spread(per_phrasing: dict) -> float:
+    accs = [per_phrasing[p]["accuracy"] for p in PHRASINGS[1:] if p in per_phrasing]
+    return max(accs) - min(accs) if accs else 0.0
+
+
+def eval_robustness(refs: list[str], cfg, limit: int = 0, max_new_tokens: int = 16,
+                    batch_size: int = 8) -> dict:
+    from .instruct import prompt_fingerprint
+    from .tasks import generate_texts, models_to_compare
+
+    check_disjoint()
+    out: dict = {"dataset": "pubmedqa-heldout (RAFT prompts: gold + distractors)",
+                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
+                 "phrasings": {p: instruction_of(p) for p in PHRASINGS},
+                 "max_new_tokens": max_new_tokens, "n_sources": cfg.n_sources,
+                 "prompt": prompt_fingerprint(), "models": {}}
+    for label, name, model, tok in models_to_compare(refs):
+        items = robustness_items(cfg, tok, limit)
+        golds = [g for _, g in items]
+        prompts = [phrased_prompt(e.prompt, p) for p in PHRASINGS for e, _ in items]
+        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label)
+        per = {}
+        for k, p in enumerate(PHRASINGS):
+            answers = texts[k * len(items):(k + 1) * len(items)]
+            per[p] = phrasing_metrics(answers, golds) | {
+                "rows": [{"id": e.group, "gold": g, "answer": a}
+                         for (e, g), a in zip(items, answers)]}
+        unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
+        out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
+                                "unseen_mean_accuracy": sum(unseen) / len(unseen)}
+        out["n"] = len(items)
+        out["majority_baseline"] = max(Counter(golds).values()) / max(len(golds), 1)
+    print_robustness(out)
+    return out
+
+
+def print_robustness(res: dict) -> None:
+    print(f"{res.get('n')} held-out PubMedQA questions, decision accuracy per instruction "
+          f"phrasing (majority baseline {res.get('majority_baseline', 0):.3f})")
+    print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
+          + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
+    for label, m in res["models"].items():
+        per = m["phrasings"]
+        stated = sum(per[p]["decision_stated"] for p in PHRASINGS) / len(PHRASINGS)
+        yes = sum(per[p]["yes_share"] for p in PHRASINGS) / len(PHRASINGS)
+        print(f"{label:24s} " + " ".join(f"{per[p]['accuracy']:9.3f}" for p in PHRASINGS)
+              + f" {m['spread']:7.3f} {stated:7.3f} {yes:6.3f}")
+    print("spread = max - min accuracy over the 5 unseen phrasings; stated / yes = mean share "
+          "of answers whose first sentence states a decision / that decide yes")
+
+
+def plot_robustness(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    models = list(result["models"])
+    width = 0.8 / max(len(models), 1)
+    for i, label in enumerate(models):
+        per = result["models"][label]["phrasings"]
+        ax.bar([k + i * width for k in range(len(PHRASINGS))],
+               [per[p]["accuracy"] for p in PHRASINGS], width,
+               label=f"{label} (spread {result['models'][label]['spread']:.3f})")
+    ax.axhline(result.get("majority_baseline", 0), color="grey", ls="--", lw=1,
+               label="majority class")
+    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(PHRASINGS))],
+                  PHRASINGS)
+    ax.set_ylabel("decision accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"instruction robustness, PubMedQA held-out (n={result.get('n')})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------- training curves of registered runs ----------
+def run_curves(names: list[str]) -> dict:
+    """Training-loss logs and final losses of registered runs, from their manifests."""
+    import json
+    from pathlib import Path
+
+    from rag_app.models import ModelRegistry
+
+    if not names:
+        raise ValueError("no --model given: pass two or more registered runs")
+    reg, out = ModelRegistry(), {"models": {}}
+    for ref in names:
+        label, _, name = ref.rpartition("=") if "=" in ref else (ref, "", ref)
+        entry = reg.get(name)
+        manifest = Path(entry["path"]) / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"{name!r} has no manifest.json at {manifest}")
+        m = json.loads(manifest.read_text())
+        after, cfg = m.get("metrics_after") or {}, m.get("config") or {}
+        log = after.get("train_loss_log") or []
+        if not log:
+            raise ValueError(f"{name!r} recorded no training-loss log")
+        out["models"][label] = {
+            "model": name, "sampling": cfg.get("sampling"), "augment_ratio": cfg.get("augment_ratio"),
+            "max_steps": cfg.get("max_steps"), "log": log,
+            "train_loss_last": after.get("train_loss_last"),
+            "train_loss_mean_last_quarter": _tail_mean(log),
+            "eval_loss_before": (m.get("metrics_before") or {}).get("eval_loss"),
+            "eval_loss_after": after.get("eval_loss"), "wall_time_s": m.get("wall_time_s")}
+    steps = {v["max_steps"] for v in out["models"].values()}
+    out["equal_steps"] = len(steps) == 1
+    print_curves(out)
+    return out
+
+
+def _tail_mean(log: list) -> float:
+    tail = log[-max(len(log) // 4, 1):]
+    return sum(v for _, v in tail) / len(tail)
+
+
+def print_curves(res: dict) -> None:
+    print(f"{'run':24s} {'sampling':>10s} {'aug':>5s} {'steps':>6s} {'loss last':>10s} "
+          f"{'last 1/4':>9s} {'eval before':>12s} {'eval after':>11s}")
+    for label, m in res["models"].items():
+        before = "-" if m["eval_loss_before"] is None else f"{m['eval_loss_before']:.4f}"
+        after = "-" if m["eval_loss_after"] is None else f"{m['eval_loss_after']:.4f}"
+        print(f"{label:24s} {str(m['sampling']):>10s} {str(m['augment_ratio']):>5s} "
+              f"{str(m['max_steps']):>6s} {m['train_loss_last']:10.4f} "
+              f"{m['train_loss_mean_last_quarter']:9.4f} {before:>12s} {after:>11s}")
+    if not res["equal_steps"]:
+        print("note: the runs trained for different numbers of steps")
+
+
+def plot_curves(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, m in result["models"].items():
+        ax.plot([s for s, _ in m["log"]], [v for _, v in m["log"]], marker=".",
+                label=f"{label} ({m['sampling']}; eval {m['eval_loss_after']:.3f})"
+                if m["eval_loss_after"] is not None else label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title("training loss by sampling strategy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
