@@ -189,3 +189,23 @@ def test_sample_by_source_gives_each_named_source_its_share():
     assert [q.qid for q in plain.queries] == [q.qid for q in sample_queries(ps, 50, 7).queries]
     with pytest.raises(ValueError, match="pubmedqa_share"):
         RelevanceConfig(pubmedqa_share=1.5)
+
+
+def test_classification_eval_threshold_from_val_and_errors_by_kind():
+    import numpy as np
+
+    from training.relevance import classification_eval
+
+    def rows(spec):
+        return [{"label": float(k == "positive"), "kind": k, "s": s} for k, s in spec]
+
+    val = rows([("positive", 0.9), ("positive", 0.7), ("dense", 0.6), ("random", 0.1)])
+    ev = rows([("positive", 0.8), ("positive", 0.65), ("same_focus", 0.75), ("dense", 0.2),
+               ("random", 0.05), ("random", 0.72)])
+    res = classification_eval({"s": lambda r: np.array([x["s"] for x in r])}, val, ev)["s"]
+    assert res["threshold"] == pytest.approx(0.7)  # best F1 on val, not on the eval rows
+    assert res["precision"] == pytest.approx(1 / 3) and res["recall"] == pytest.approx(0.5)
+    k = res["by_kind"]
+    assert k["positive"] == {"n": 2, "called_relevant": 0.5}
+    assert k["same_focus"]["called_relevant"] == 1.0 and k["dense"]["called_relevant"] == 0.0
+    assert k["random"] == {"n": 2, "called_relevant": 0.5}

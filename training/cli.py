@@ -231,6 +231,12 @@ def print_classification(res: dict) -> None:
             continue
         print(f"{name:28s} {m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} "
               f"{m['auc']:6.3f} {m['threshold']:7.3f}   {m['at_0.5']['f1']:.3f}")
+    print("called relevant at the chosen threshold, by pair kind (positives: recall; "
+          "the rest: false-positive rate):")
+    for name, m in res.items():
+        if not name.startswith("_") and m.get("by_kind"):
+            print(f"  {name:26s} " + "  ".join(f"{k} {v['called_relevant']:.3f} (n={v['n']})"
+                                              for k, v in sorted(m["by_kind"].items())))
     print("counts:", res.get("_counts"))
 
 

@@ -93,6 +93,16 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else 0.0
 
 
+def by_kind(scores: np.ndarray, rows: list[dict], threshold: float) -> dict:
+    """Per pair kind (positive, same_focus, dense, random): how many pairs and the share the
+    scorer calls relevant at `threshold` (recall for positives, false-positive rate for the
+    negative kinds): where the errors come from."""
+    kinds: dict[str, list[bool]] = {}
+    for s, r in zip(scores, rows):
+        kinds.setdefault(r.get("kind", "?"), []).append(bool(s >= threshold))
+    return {k: {"n": len(v), "called_relevant": sum(v) / len(v)} for k, v in kinds.items()}
+
+
 def classification_eval(scorers: dict, val_rows: list[dict], eval_rows: list[dict]) -> dict:
     """For each scorer (name -> fn(rows) -> scores): threshold chosen on val_rows, P/R/F1/AUC
     on eval_rows (and P/R/F1 at 0.5, the threshold the app uses for a classifier)."""
@@ -102,7 +112,8 @@ def classification_eval(scorers: dict, val_rows: list[dict], eval_rows: list[dic
     for name, fn in scorers.items():
         sv, se = fn(val_rows), fn(eval_rows)
         t = choose_threshold(sv, yv)
-        out[name] = prf(se, ye, t) | {"auc": auc(se, ye), "at_0.5": prf(se, ye, 0.5)}
+        out[name] = prf(se, ye, t) | {"auc": auc(se, ye), "at_0.5": prf(se, ye, 0.5),
+                                      "by_kind": by_kind(se, eval_rows, t)}
     out["_counts"] = {"val_pairs": len(val_rows), "eval_pairs": len(eval_rows),
                       "eval_positives": int(ye.sum())}
     return out
