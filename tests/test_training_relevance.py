@@ -209,3 +209,22 @@ def test_classification_eval_threshold_from_val_and_errors_by_kind():
     assert k["positive"] == {"n": 2, "called_relevant": 0.5}
     assert k["same_focus"]["called_relevant"] == 1.0 and k["dense"]["called_relevant"] == 0.0
     assert k["random"] == {"n": 2, "called_relevant": 0.5}
+
+
+def test_choose_weight_rule_and_refuses_held_out_sets():
+    from training.relevance import choose_weight
+
+    def res(rows, sets=("medquad-val", "pubmedqa-val")):
+        return {"datasets": {d: {"systems": {"hybrid": {"ndcg@10": 0.7}} | {
+            f"hybrid + {n} (w={w:g})": {"ndcg@10": v[i], "weight": w}
+            for (n, w), v in rows.items()}} for i, d in enumerate(sets)}}
+
+    r = choose_weight([res({("a", 0.2): (0.75, 0.70), ("a", 0.4): (0.80, 0.695),
+                            ("a", 0.6): (0.90, 0.65)}),
+                       res({("b", 0.2): (0.72, 0.71), ("b", 0.4): (0.85, 0.68)})])
+    a, b = r["classifiers"]["a"], r["classifiers"]["b"]
+    assert a["pick"] == 0.4  # 0.6 has the best mean but drops 5 points on one set
+    assert not a["weights"]["0.6"]["admissible"] and a["weights"]["0.4"]["admissible"]
+    assert b["pick"] == 0.2 and r["joint_pick"] == 0.2  # 0.4 drops b by 2 points
+    with pytest.raises(ValueError, match="validation"):
+        choose_weight([res({("a", 0.2): (0.8, 0.8)}, sets=("medquad-test", "pubmedqa-val"))])

@@ -111,6 +111,12 @@ def add_eval_parsers(esub) -> None:
     o.add_argument("--n", type=int, default=24, help="held-out prompts (eval split)")
     o.add_argument("--max-new-tokens", type=int, default=64)
     o.add_argument("--out", help="write JSON here (+ a .png plot)")
+    cw = esub.add_parser("choose-weight", help="apply the rerank-weight rule to `rag eval "
+                         "ranking --weights` results on the validation sets")
+    cw.add_argument("results", nargs="+", help="JSON files written by rag eval ranking --out")
+    cw.add_argument("--max-drop", type=float, default=0.01,
+                    help="largest nDCG@10 drop below the hybrid order allowed on any set")
+    cw.add_argument("--out", help="write JSON here")
     b = esub.add_parser("robustness", help="generators: held-out PubMedQA decision accuracy "
                         "under the serving instruction and 5 phrasings unseen in training")
     b.add_argument("--model", action="append", default=[],
@@ -342,6 +348,15 @@ def run_eval(args) -> int:
         cfg = load_config(QAConfig, args.recipe, args.set)
         _save(args.out, eval_qa_gold(args.model or ["base", "tuned"], cfg, args.limit,
                                      args.max_new_tokens, args.batch_size), plot_qa_gold)
+        return 0
+    if args.what == "choose-weight":
+        from .relevance import choose_weight, print_weight_choice
+
+        res = choose_weight([json.loads(Path(f).read_text()) for f in args.results],
+                            args.max_drop)
+        print_weight_choice(res)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
         return 0
     if args.what == "robustness":
         from .common import load_config

@@ -297,6 +297,62 @@ def ranking_eval(index_name: str, rerankers: dict[str, str | None],
     return out
 
 
+def choose_weight(results: list[dict], max_drop: float = 0.01) -> dict:
+    """The rerank-weight rule, applied to `rag eval ranking --weights ...` results on the
+    VALIDATION sets (held-out sets are refused): per classifier, the weight with the best mean
+    nDCG@10 over the datasets among the admissible ones (no dataset more than `max_drop` below
+    the hybrid order); jointly, the weight admissible for every classifier with the best
+    average of their means (one constant serves them all)."""
+    import re
+
+    per: dict[str, dict[float, dict]] = {}
+    for res in results:
+        bad = sorted(set(res["datasets"]) - set(VAL_DATASETS))
+        if bad:
+            raise ValueError(f"the weight is chosen on the validation sets {VAL_DATASETS} only, "
+                             f"not on {bad}")
+        for d, r in res["datasets"].items():
+            hybrid = r["systems"]["hybrid"]["ndcg@10"]
+            for label, m in r["systems"].items():
+                if "weight" not in m:
+                    continue
+                name = re.sub(r" \(w=[^)]*\)$", "", label).removeprefix("hybrid + ")
+                e = per.setdefault(name, {}).setdefault(float(m["weight"]), {"by_dataset": {}})
+                e["by_dataset"][d] = {"ndcg@10": m["ndcg@10"],
+                                      "vs_hybrid": m["ndcg@10"] - hybrid}
+    if not per:
+        raise ValueError("no classifier rows with a weight in these results")
+    out: dict = {"max_drop": max_drop, "classifiers": {}}
+    for name, ws in per.items():
+        n_sets = max(len(e["by_dataset"]) for e in ws.values())
+        for e in ws.values():
+            v = list(e["by_dataset"].values())
+            e["mean"] = sum(x["ndcg@10"] for x in v) / len(v)
+            e["admissible"] = len(v) == n_sets and all(x["vs_hybrid"] >= -max_drop for x in v)
+        ok = {w: e for w, e in ws.items() if e["admissible"]}
+        out["classifiers"][name] = {"weights": {str(w): e for w, e in sorted(ws.items())},
+                                    "pick": max(ok, key=lambda w: ok[w]["mean"]) if ok else None}
+    common = set.intersection(*({w for w, e in ws.items() if e["admissible"]}
+                                for ws in per.values()))
+    out["joint_pick"] = max(common, key=lambda w: sum(per[n][w]["mean"] for n in per)
+                            / len(per)) if common else None
+    return out
+
+
+def print_weight_choice(res: dict) -> None:
+    print(f"rerank weight rule: best mean nDCG@10 over the validation sets, no set more than "
+          f"{res['max_drop']:g} below the hybrid order")
+    for name, c in res["classifiers"].items():
+        print(f"  {name}:")
+        for w, e in c["weights"].items():
+            sets = "  ".join(f"{d} {x['ndcg@10']:.4f} ({100 * x['vs_hybrid']:+.2f})"
+                             for d, x in e["by_dataset"].items())
+            print(f"    w={w:<5s} mean {e['mean']:.4f}  {sets}"
+                  f"{'' if e['admissible'] else '  (not admissible)'}")
+        print(f"    pick: w={c['pick']}")
+    print(f"joint pick (admissible for every classifier): w={res['joint_pick']}")
+
+
 def plot_ranking(result: dict, path: str) -> None:
     import matplotlib
 
