@@ -117,17 +117,6 @@ def add_eval_parsers(esub) -> None:
     cw.add_argument("--max-drop", type=float, default=0.01,
                     help="largest nDCG@10 drop below the hybrid order allowed on any set")
     cw.add_argument("--out", help="write JSON here")
-    b = esub.add_parser("robustness", help="generators: held-out PubMedQA decision accuracy "
-                        "under the serving instruction and 5 phrasings unseen in training")
-    b.add_argument("--model", action="append", default=[],
-                   help="base | tuned | registered name | path (repeatable; NAME=REF to label)")
-    b.add_argument("--limit", type=int, default=0, help="first N held-out questions (0 = all)")
-    b.add_argument("--max-new-tokens", type=int, default=16)
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--recipe", default="instruct.yaml",
-                   help="prompt settings (n_sources, max_prompt_tokens, seed) from this recipe")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--out", help="write JSON here (+ a .png plot)")
     c = esub.add_parser("curves", help="training-loss curves of registered runs on one plot "
                         "(e.g. random vs curriculum sampling)")
     c.add_argument("--model", action="append", default=[],
@@ -137,7 +126,10 @@ def add_eval_parsers(esub) -> None:
             ("summarize", "summarize.yaml", 48,
              "generators: ROUGE-1/2/L of greedy summaries of the held-out MeQSum questions"),
             ("qa-gold", "qa.yaml", 96, "generators: held-out PubMedQA with the gold abstracts "
-             "(no retrieval): decision accuracy vs the majority class, ROUGE-L")):
+             "(no retrieval): decision accuracy vs the majority class, ROUGE-L"),
+            ("robustness", "instruct.yaml", 16, "generators: held-out PubMedQA decision "
+             "accuracy under the serving instruction and 5 phrasings unseen in training "
+             "(prompts as the instruct recipe renders them)")):
         s = esub.add_parser(what, help=about)
         s.add_argument("--model", action="append", default=[],
                        help="base | tuned | registered name | path (repeatable; NAME=REF to "
@@ -146,7 +138,7 @@ def add_eval_parsers(esub) -> None:
         s.add_argument("--max-new-tokens", type=int, default=tokens)
         s.add_argument("--batch-size", type=int, default=8)
         s.add_argument("--recipe", default=recipe,
-                       help="prompt settings (max_source_tokens) taken from this recipe")
+                       help="prompt settings taken from this recipe")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--out", help="write JSON here (+ a .png plot)")
 
@@ -284,6 +276,14 @@ def _save(out: str | None, result: dict, plot) -> None:
     print(f"saved {out} and {Path(out).with_suffix('.png')}")
 
 
+# generator evaluations over held-out rows: what -> (module, config class, eval, plot)
+GENERATOR_EVALS = {
+    "summarize": ("summarize", "SummarizeConfig", "eval_summarize", "plot_summarize"),
+    "qa-gold": ("qa", "QAConfig", "eval_qa_gold", "plot_qa_gold"),
+    "robustness": ("robustness", "InstructConfig", "eval_robustness", "plot_robustness"),
+}
+
+
 def run_eval(args) -> int:
     if args.what == "relevance":
         from rag_app.embed import SentenceTransformerEmbedder
@@ -333,21 +333,16 @@ def run_eval(args) -> int:
         _save(args.out, eval_policy(args.model or ["base", "tuned"], args.reward, args.n,
                                    max_new_tokens=args.max_new_tokens), plot_policy)
         return 0
-    if args.what == "summarize":
-        from .common import load_config
-        from .summarize import SummarizeConfig, eval_summarize, plot_summarize
+    if args.what in GENERATOR_EVALS:
+        import importlib
 
-        cfg = load_config(SummarizeConfig, args.recipe, args.set)
-        _save(args.out, eval_summarize(args.model or ["base", "tuned"], cfg, args.limit,
-                                       args.max_new_tokens, args.batch_size), plot_summarize)
-        return 0
-    if args.what == "qa-gold":
         from .common import load_config
-        from .qa import QAConfig, eval_qa_gold, plot_qa_gold
 
-        cfg = load_config(QAConfig, args.recipe, args.set)
-        _save(args.out, eval_qa_gold(args.model or ["base", "tuned"], cfg, args.limit,
-                                     args.max_new_tokens, args.batch_size), plot_qa_gold)
+        mod = importlib.import_module(f"training.{GENERATOR_EVALS[args.what][0]}")
+        cls, fn, plot = (getattr(mod, n) for n in GENERATOR_EVALS[args.what][1:])
+        cfg = load_config(cls, args.recipe, args.set)
+        _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
+                           args.max_new_tokens, args.batch_size), plot)
         return 0
     if args.what == "choose-weight":
         from .relevance import choose_weight, print_weight_choice
@@ -357,15 +352,6 @@ def run_eval(args) -> int:
         print_weight_choice(res)
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
-        return 0
-    if args.what == "robustness":
-        from .common import load_config
-        from .instruct import InstructConfig
-        from .robustness import eval_robustness, plot_robustness
-
-        cfg = load_config(InstructConfig, args.recipe, args.set)
-        _save(args.out, eval_robustness(args.model or ["base", "tuned"], cfg, args.limit,
-                                        args.max_new_tokens, args.batch_size), plot_robustness)
         return 0
     if args.what == "curves":
         from .robustness import plot_curves, run_curves

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .augment import EVAL_INSTRUCTIONS, check_disjoint, with_instruction
+from .instruct import InstructConfig  # its recipe sets the prompts
 
 PHRASINGS = ("serving",) + tuple(f"unseen-{i}" for i in range(1, len(EVAL_INSTRUCTIONS) + 1))
 
@@ -30,7 +31,7 @@ def instruction_of(phrasing: str) -> str:
     return EVAL_INSTRUCTIONS[PHRASINGS.index(phrasing) - 1]
 
 
-def robustness_items(cfg, tokenizer, limit: int = 0) -> list[tuple]:
+def robustness_items(cfg: InstructConfig, tokenizer, limit: int = 0) -> list[tuple]:
     """(RAFT example, gold decision): one per held-out PubMedQA question (the gold passage
     always present), sorted by id."""
     from .data import _pubmedqa_answers, instruction_examples, load_split
@@ -85,7 +86,7 @@ def spread(per_phrasing: dict) -> float:
     return max(accs) - min(accs) if accs else 0.0
 
 
-def eval_robustness(refs: list[str], cfg, limit: int = 0, max_new_tokens: int = 16,
+def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
                     batch_size: int = 8) -> dict:
     from .instruct import prompt_fingerprint
     from .tasks import generate_texts, models_to_compare
@@ -132,30 +133,15 @@ def print_robustness(res: dict) -> None:
 
 
 def plot_robustness(result: dict, path: str) -> None:
-    import matplotlib
+    from rag_app.ui_admin import grouped_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    models = list(result["models"])
-    width = 0.8 / max(len(models), 1)
-    for i, label in enumerate(models):
-        per = result["models"][label]["phrasings"]
-        ax.bar([k + i * width for k in range(len(PHRASINGS))],
-               [per[p]["accuracy"] for p in PHRASINGS], width,
-               label=f"{label} (spread {result['models'][label]['spread']:.3f})")
-    ax.axhline(result.get("majority_baseline", 0), color="grey", ls="--", lw=1,
-               label="majority class")
-    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(PHRASINGS))],
-                  PHRASINGS)
-    ax.set_ylabel("decision accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"instruction robustness, PubMedQA held-out (n={result.get('n')})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    series = {f"{label} (spread {m['spread']:.3f})": {p: m["phrasings"][p]["accuracy"]
+                                                      for p in PHRASINGS}
+              for label, m in result["models"].items()}
+    fig = grouped_bars(series, list(PHRASINGS), f"decision accuracy by instruction phrasing, "
+                       f"PubMedQA held-out (n={result.get('n')})", figsize=(9, 4), fontsize=8)
+    fig.axes[0].axhline(result.get("majority_baseline", 0), color="grey", ls="--", lw=1)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------- training curves of registered runs ----------
