@@ -44,3 +44,29 @@ def test_mined_negatives_never_positive(embedder, tmp_path):
     assert {r["kind"] for r in rows} >= {"positive", "same_focus", "dense", "random"}
     trip = retriever_triplets(ps, mined)
     assert trip and all(t["positive"] != t["negative"] for t in trip)
+
+
+def test_train_only_negatives_leave_the_measured_pairs_alone(embedder, tmp_path):
+    """train_same_focus / train_n_hard / train_n_random shape the TRAINING pairs only: the
+    validation and held-out pairs a recipe is measured on stay those of n_hard / n_random."""
+    from collections import Counter
+
+    from training.relevance import RelevanceConfig, build_pairs
+
+    common = dict(n_hard=2, n_random=1, mine_top=15, mine_pool=60, mine_words=16, seed=3,
+                  sources="medquad")
+    plain = RelevanceConfig(**common)
+    more = RelevanceConfig(**common, train_n_hard=3, train_same_focus=2, train_n_random=0)
+    for split in ("val", "eval"):
+        a, _ = build_pairs(plain, split, 8, embedder, tmp_path)
+        b, _ = build_pairs(more, split, 8, embedder, tmp_path)
+        assert [(r["qid"], r["pid"], r["label"]) for r in a] == \
+            [(r["qid"], r["pid"], r["label"]) for r in b]
+    a, _ = build_pairs(plain, "train", 10, embedder, tmp_path)
+    b, _ = build_pairs(more, "train", 10, embedder, tmp_path)
+    ka, kb = Counter(r["kind"] for r in a), Counter(r["kind"] for r in b)
+    assert kb["random"] == 0 < ka["random"]
+    assert kb["same_focus"] > ka["same_focus"]  # two per query where the focus has them
+    per_q = Counter(r["qid"] for r in b if r["kind"] == "same_focus")
+    assert max(per_q.values()) == 2
+    assert all(n <= 3 for n in Counter(r["qid"] for r in b if r["label"] == 0).values())

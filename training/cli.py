@@ -235,6 +235,12 @@ def print_classification(res: dict) -> None:
         if not name.startswith("_") and m.get("by_kind"):
             print(f"  {name:26s} " + "  ".join(f"{k} {v['called_relevant']:.3f} (n={v['n']})"
                                               for k, v in sorted(m["by_kind"].items())))
+    print("validation pairs (where the threshold and the settings are chosen):")
+    for name, m in res.items():
+        if not name.startswith("_") and m.get("val"):
+            v = m["val"]
+            print(f"  {name:26s} P {v['precision']:.3f}  R {v['recall']:.3f}  F1 {v['f1']:.3f}"
+                  f"  AUC {v['auc']:.3f}")
     print("counts:", res.get("_counts"))
 
 

@@ -260,9 +260,10 @@ class Mined:
 
 def mine_negatives(ps: PairSet, embedder, n_hard: int = 2, n_random: int = 1,
                    mine_top: int = 30, pool_size: int = 3000, seed: int = 0,
-                   cache_dir: Path | None = None, max_words: int = 0) -> Mined:
-    """Hard negatives: first a passage of the same focus with another question type (when one
-    exists), then the highest-scoring bi-encoder passages (FAISS inner product over the pool)
+                   cache_dir: Path | None = None, max_words: int = 0,
+                   n_same_focus: int = 1) -> Mined:
+    """Hard negatives: first up to `n_same_focus` passages of the same focus with another
+    question type (when they exist; never more than `n_hard`), then the highest-scoring bi-encoder passages (FAISS inner product over the pool)
     that are not forbidden; plus random ones. Never a positive, never a passage written for the
     identical question."""
     import faiss
@@ -284,7 +285,7 @@ def mine_negatives(ps: PairSet, embedder, n_hard: int = 2, n_random: int = 1,
         bad = forbidden_negatives(q, ps.passages, by_question)
         sf = [pid for pid in by_group[q.group] if pid not in bad]
         sf.sort(key=lambda pid: (ps.passages[pid].qtype == q.qtype, pid))  # other qtype first
-        same[q.qid] = sf[:1] if n_hard > 0 else []
+        same[q.qid] = sf[:min(n_same_focus, n_hard)]
         taken = bad | set(same[q.qid])
         d = [pool[r] for r in rows[qi] if r >= 0 and pool[r] not in taken]
         dense[q.qid] = d[:max(0, n_hard - len(same[q.qid]))]

@@ -32,6 +32,12 @@ class RelevanceConfig(TrainConfig):
     max_positives: int = 2  # positive passages per query (PubMedQA has ~3)
     pos_weight: float = 0.0  # BCE pos_weight; 0 = n_negatives / n_positives
     mining_embedder: str = "default"  # bi-encoder used to mine hard negatives
+    # negatives of the TRAINING pairs only (-1 = as n_hard / n_random / 1): the validation and
+    # held-out pairs keep n_hard, n_random and one same-focus negative, so a recipe that trains
+    # on other negatives is still measured on the same pairs
+    train_n_hard: int = -1
+    train_n_random: int = -1
+    train_same_focus: int = -1
 
 
 # ---------- data ----------
@@ -40,8 +46,13 @@ def build_pairs(cfg: TrainConfig, split: str, n_queries: int, embedder, cache_di
     ps = queries_override or sample_by_source(load_split(split, cfg.source_list), n_queries,
                                               cfg.seed, cfg.train_shares if split == "train"
                                               else {})
-    mined = mine_negatives(ps, embedder, cfg.n_hard, cfg.n_random, cfg.mine_top,
-                           cfg.mine_pool, cfg.seed, cache_dir, cfg.mine_words)
+    n_hard, n_random, n_same = cfg.n_hard, cfg.n_random, 1
+    if split == "train":
+        pick = lambda v, d: d if getattr(cfg, v, -1) < 0 else getattr(cfg, v)  # noqa: E731
+        n_hard, n_random = pick("train_n_hard", n_hard), pick("train_n_random", n_random)
+        n_same = pick("train_same_focus", n_same)
+    mined = mine_negatives(ps, embedder, n_hard, n_random, cfg.mine_top, cfg.mine_pool,
+                           cfg.seed, cache_dir, cfg.mine_words, n_same)
     return relevance_pairs(ps, mined, getattr(cfg, "max_positives", 2)), ps
 
 
@@ -113,7 +124,9 @@ def classification_eval(scorers: dict, val_rows: list[dict], eval_rows: list[dic
         sv, se = fn(val_rows), fn(eval_rows)
         t = choose_threshold(sv, yv)
         out[name] = prf(se, ye, t) | {"auc": auc(se, ye), "at_0.5": prf(se, ye, 0.5),
-                                      "by_kind": by_kind(se, eval_rows, t)}
+                                      "by_kind": by_kind(se, eval_rows, t),
+                                      # the validation side, where settings are chosen
+                                      "val": prf(sv, yv, t) | {"auc": auc(sv, yv)}}
     out["_counts"] = {"val_pairs": len(val_rows), "eval_pairs": len(eval_rows),
                       "eval_positives": int(ye.sum())}
     return out
