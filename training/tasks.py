@@ -186,8 +186,6 @@ def models_to_compare(refs: list[str]):
         r = ref.partition("=")[2] if "=" in ref else ref
         base, adapter, name = ModelRegistry().resolve_generator(r)
         model, tok = load_causal(base, adapter)
-        if adapter:  # evaluation only: fold the LoRA into the weights (no extra matmuls)
-            model = model.merge_and_unload()
         yield label, name, model, tok
         del model
 
