@@ -263,9 +263,9 @@ def mine_negatives(ps: PairSet, embedder, n_hard: int = 2, n_random: int = 1,
                    cache_dir: Path | None = None, max_words: int = 0,
                    n_same_focus: int = 1) -> Mined:
     """Hard negatives: first up to `n_same_focus` passages of the same focus with another
-    question type (when they exist; never more than `n_hard`), then the highest-scoring bi-encoder passages (FAISS inner product over the pool)
-    that are not forbidden; plus random ones. Never a positive, never a passage written for the
-    identical question."""
+    question type (when they exist; never more than `n_hard`), then the highest-scoring
+    bi-encoder passages (FAISS inner product over the pool) that are not forbidden; plus
+    random ones. Never a positive, never a passage written for the identical question."""
     import faiss
 
     rng = random.Random(seed)
