@@ -73,9 +73,11 @@ def _heldout_pmids() -> frozenset[str]:
 
 
 def _val_bucket(group: str, val_fraction: float) -> bool:
+    """Case-blind, like the held-out split: MedQuAD spells some foci two ways ("Amyloidosis" and
+    "amyloidosis"), and both spellings must fall on the same side."""
     import hashlib
 
-    h = int(hashlib.sha1(("val:" + group).encode()).hexdigest(), 16) % 1000
+    h = int(hashlib.sha1(("val:" + group.strip().lower()).encode()).hexdigest(), 16) % 1000
     return h < val_fraction * 1000
 
 
