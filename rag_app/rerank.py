@@ -29,12 +29,12 @@ CLASSIFIER_WEAK = 0.5
 # The classifier's share when its scores are fused with the hybrid scores, chosen on the
 # training side's validation questions, never on the held-out splits: the best mean nDCG@10 of
 # medquad-val and pubmedqa-val with neither more than 1 point below the hybrid order, applied by
-# `rag eval choose-weight results/rerank_weight_val.json results/rerank_weight_val_v5.json`
-# (sweeps of `rag eval ranking --datasets medquad-val,pubmedqa-val --limit 100 --model NAME
-# --weights 0.2,0.3,...,1`). One constant serves the default recipe's classifier
-# (relevance-minilm-v2: 0.3 and 0.4 tie, 0.7921 vs 0.7923) and the 2-epoch one
-# (relevance-minilm-v5: 0.3; 0.4 drops pubmedqa-val 1.3 points): the joint pick is 0.3. Alone
-# (weight 1) a classifier loses about 17 points on pubmedqa-val.
+# `rag eval choose-weight results/rerank_weight_val_c.json` (a sweep of `rag eval ranking
+# --datasets medquad-val,pubmedqa-val --limit 100 --model NAME --weights 0.2,0.3,...,1`). For
+# the default recipe's classifier (2,400 queries, 600 steps; relevance_c_manifest.json) 0.3 is
+# the pick: 0.4 drops pubmedqa-val 1.1 points. Earlier, 600-query classifiers (v2, v5) gave the
+# same joint pick (results/rerank_weight_choice.json). Alone (weight 1) a classifier loses
+# about 15 points on pubmedqa-val.
 RERANK_WEIGHT = 0.3
 
 
