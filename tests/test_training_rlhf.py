@@ -19,7 +19,11 @@ def test_data_pairs_have_their_origins_and_held_out_groups_are_disjoint():
     train, held = data_pairs("train", 60, 0), data_pairs("val", 30, 1)
     d = describe_preferences(train)
     assert d["n_pairs"] == 60 and set(d["by_origin"]) == {
-        "data:medquad-sibling", "data:pubmedqa-other", "data:no-answer", "data:over-refusal"}
+        "data:medquad-sibling", "data:pubmedqa-other", "data:no-answer", "data:over-refusal",
+        "data:bare-decision"}
+    assert d["by_origin"]["data:bare-decision"] == 6  # its stated share, 0.1
+    assert "data:bare-decision" not in describe_preferences(
+        data_pairs("train", 60, 0, bare_share=0))["by_origin"]
     assert not {p.group for p in train} & {p.group for p in held}  # split by question group
     for p in train:
         assert p.chosen != p.rejected and p.sources
@@ -27,6 +31,9 @@ def test_data_pairs_have_their_origins_and_held_out_groups_are_disjoint():
             assert p.chosen == NO_ANSWER and not p.gold_numbers
         if p.origin == "data:over-refusal":
             assert p.rejected == NO_ANSWER and p.gold_numbers
+        if p.origin == "data:bare-decision":  # explained and cited over a bare yes/no/maybe
+            assert p.rejected in ("Yes.", "No.", "Maybe.") and p.gold_numbers
+            assert f"[{p.gold_numbers[0]}]" in p.chosen and len(p.chosen.split()) > 5
         if p.origin == "data:medquad-sibling":  # both answers cite a given source
             assert f"[{p.gold_numbers[0]}]" in p.chosen and "[" in p.rejected
 

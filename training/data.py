@@ -603,14 +603,22 @@ def _sources(ps: PairSet, pids: list[str]) -> list:
 
 
 def data_pairs(split: str, n_pairs: int, seed: int = 0, n_sources: int = 3,
-               answer_words: int = 40, shares: dict | None = None) -> list[PreferencePair]:
+               answer_words: int = 40, shares: dict | None = None,
+               bare_share: float = 0.1) -> list[PreferencePair]:
     """Data-derived pairs from one split of the shipped data (train for training; val / eval
     are other questions' groups, for held-out accuracy). `shares` of the origins default to
-    medquad-sibling .4, pubmedqa-other .3, no-answer .15, over-refusal .15."""
+    bare-decision `bare_share` and the rest as medquad-sibling .4, pubmedqa-other .3, no-answer
+    .15, over-refusal .15 (the mix before bare-decision existed, at bare_share 0).
+    bare-decision: the answer with its explanation and citation over a bare "Yes."/"No."/
+    "Maybe." (PubMedQA: the expert's own decision; MedQuAD: a yes/no that answers nothing), the
+    reward hack PPO found when no pair said it was worse."""
     from rag_app.prompts import NO_ANSWER
 
-    shares = shares or {"data:medquad-sibling": .4, "data:pubmedqa-other": .3,
-                        "data:no-answer": .15, "data:over-refusal": .15}
+    rest = 1.0 - bare_share
+    shares = shares or {"data:medquad-sibling": .4 * rest, "data:pubmedqa-other": .3 * rest,
+                        "data:no-answer": .15 * rest, "data:over-refusal": .15 * rest,
+                        "data:bare-decision": bare_share}
+    shares = {k: v for k, v in shares.items() if v > 0}
     rng = random.Random(seed)
     mq, pq = load_split(split, ("medquad",)), load_split(split, ("pubmedqa",))
     records = _pubmedqa_answers()
@@ -673,6 +681,23 @@ def data_pairs(split: str, n_pairs: int, seed: int = 0, n_sources: int = 3,
         [(q, pq, "pubmedqa") for q in pq_qs]
     rng.shuffle(pool)
     n_abs, n_over = want.get("data:no-answer", 0), want.get("data:over-refusal", 0)
+    n_bare = want.get("data:bare-decision", 0)
+    # half PubMedQA (questions pubmedqa-other left unused first), half MedQuAD
+    pq_rest = [(q, pq, "pubmedqa") for q in pq_qs[k_other:] + pq_qs[:k_other]]
+    mq_rest = [t for t in pool[n_abs + n_over:] if t[2] == "medquad"]
+    bare = [t for pair in zip(pq_rest, mq_rest) for t in pair]
+    for q, ps, name in bare[:n_bare]:
+        gold = sorted(q.positives)[-1:] if name == "pubmedqa" else sorted(q.positives)[:1]
+        pids = arrange(gold, [], n_sources - len(gold), q, ps, groups[name])
+        nums = [k for k, p in enumerate(pids, 1) if p in gold]
+        if name == "pubmedqa":
+            decision = f"{records[q.qid]['final_decision'].capitalize()}."
+            chosen = f"{decision} {concise_answer(records[q.qid]['long_answer'], 3, answer_words)}"
+        else:
+            decision = rng.choice(["Yes.", "No."])
+            chosen = concise_answer(ps.passages[gold[0]].text, 3, answer_words)
+        out.append(PreferencePair(q.text, _sources(ps, pids), f"{chosen} {cite(nums)}",
+                                  decision, "data:bare-decision", q.group, nums))
     for j, (q, ps, name) in enumerate(pool[:n_abs + n_over]):
         absent = j < n_abs
         gold = [] if absent else (sorted(q.positives)[-1:] if name == "pubmedqa"
