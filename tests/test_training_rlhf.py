@@ -16,14 +16,13 @@ def test_data_pairs_have_their_origins_and_held_out_groups_are_disjoint():
     from rag_app.prompts import NO_ANSWER
     from training.data import data_pairs, describe_preferences
 
-    train, held = data_pairs("train", 60, 0), data_pairs("val", 30, 1)
+    train, held = data_pairs("train", 60, 0, bare_share=0.1), data_pairs("val", 30, 1)
     d = describe_preferences(train)
     assert d["n_pairs"] == 60 and set(d["by_origin"]) == {
         "data:medquad-sibling", "data:pubmedqa-other", "data:no-answer", "data:over-refusal",
         "data:bare-decision"}
     assert d["by_origin"]["data:bare-decision"] == 6  # its stated share, 0.1
-    assert "data:bare-decision" not in describe_preferences(
-        data_pairs("train", 60, 0, bare_share=0))["by_origin"]
+    assert "data:bare-decision" not in describe_preferences(data_pairs("train", 60, 0))["by_origin"]
     assert not {p.group for p in train} & {p.group for p in held}  # split by question group
     for p in train:
         assert p.chosen != p.rejected and p.sources

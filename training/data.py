@@ -576,6 +576,11 @@ def describe_instructions(examples: list[InstructExample]) -> dict:
 #   synthetic:rubric        several answers sampled per question, ranked by `rubric_score`
 RUBRIC = {"grounding": 1.0, "citation": 0.5, "refusal": 1.0, "length": 0.5}
 TARGET_WORDS = 60
+# Share of bare-decision pairs in the held-out preference sets (reward / DPO / `rag eval
+# reward`). Training on them too (RewardConfig.bare_decision_share 0.1) made the reward model
+# worse on validation (0.784 vs 0.837; no-answer 0.20 vs 0.41) while the model trained without
+# them already ranked 0.967 of them right: training leaves them out by default.
+HELDOUT_BARE_SHARE = 0.1
 
 
 @dataclass
@@ -604,11 +609,12 @@ def _sources(ps: PairSet, pids: list[str]) -> list:
 
 def data_pairs(split: str, n_pairs: int, seed: int = 0, n_sources: int = 3,
                answer_words: int = 40, shares: dict | None = None,
-               bare_share: float = 0.1) -> list[PreferencePair]:
+               bare_share: float = 0.0) -> list[PreferencePair]:
     """Data-derived pairs from one split of the shipped data (train for training; val / eval
     are other questions' groups, for held-out accuracy). `shares` of the origins default to
     bare-decision `bare_share` and the rest as medquad-sibling .4, pubmedqa-other .3, no-answer
-    .15, over-refusal .15 (the mix before bare-decision existed, at bare_share 0).
+    .15, over-refusal .15. Training uses bare_share 0 by default; held-out sets use
+    HELDOUT_BARE_SHARE, so held-out accuracy shows whether a model pays for a bare decision.
     bare-decision: the answer with its explanation and citation over a bare "Yes."/"No."/
     "Maybe." (PubMedQA: the expert's own decision; MedQuAD: a yes/no that answers nothing), the
     reward hack PPO found when no pair said it was worse."""

@@ -50,10 +50,12 @@ def to_dataset(pairs, tok, max_prompt_tokens: int):
 
 
 def build_pairs(cfg: DPOConfig):
-    from .data import data_pairs, describe_preferences, feedback_pairs, split_by_group
+    from .data import (HELDOUT_BARE_SHARE, data_pairs, describe_preferences, feedback_pairs,
+                       split_by_group)
 
     train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words)
-    held = data_pairs("val", cfg.n_heldout_pairs, cfg.seed + 1, cfg.n_sources, cfg.answer_words)
+    held = data_pairs("val", cfg.n_heldout_pairs, cfg.seed + 1, cfg.n_sources, cfg.answer_words,
+                      bare_share=HELDOUT_BARE_SHARE)
     human = feedback_pairs(cfg.feedback_db or None) if cfg.use_feedback else []
     h_train, h_held = split_by_group(human, cfg.feedback_heldout, cfg.seed)
     train, held = train + h_train, held + h_held

@@ -40,8 +40,8 @@ class RewardConfig(TrainConfig):
     source_words: int = 24  # words of each source the reward model sees
     answer_words: int = 40
     n_sources: int = 2
-    bare_decision_share: float = 0.1  # training pairs only (the held-out mix stays at 0.1):
-    # the explained, cited answer over a bare "Yes."/"No."; 0 = the mix before it existed
+    bare_decision_share: float = 0.0  # training pairs only (held-out: HELDOUT_BARE_SHARE):
+    # the explained, cited answer over a bare "Yes."/"No."; 0.1 was worse on validation
     use_feedback: bool = True  # add the app's human pairs (split by question)
     feedback_db: str = ""  # "" = the app's store
     feedback_heldout: float = 0.3
@@ -181,12 +181,13 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 def build_pairs(cfg: RewardConfig) -> tuple[list, list, dict]:
     """(train pairs, held-out pairs, description). Held-out = the val split's groups (other
     MedQuAD foci / pmids than training) + a by-question share of the human pairs."""
-    from .data import (PreferencePair, data_pairs, describe_preferences, feedback_pairs,
-                       split_by_group)
+    from .data import (HELDOUT_BARE_SHARE, PreferencePair, data_pairs, describe_preferences,
+                       feedback_pairs, split_by_group)
 
     train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words,
                        bare_share=cfg.bare_decision_share)
-    held = data_pairs("val", cfg.n_heldout_pairs, cfg.seed + 1, cfg.n_sources, cfg.answer_words)
+    held = data_pairs("val", cfg.n_heldout_pairs, cfg.seed + 1, cfg.n_sources, cfg.answer_words,
+                      bare_share=HELDOUT_BARE_SHARE)
     human = feedback_pairs(cfg.feedback_db or None) if cfg.use_feedback else []
     h_train, h_held = split_by_group(human, cfg.feedback_heldout, cfg.seed)
     synth: list = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 def eval_reward(refs: list[str], n_pairs: int = 300, seed: int = 0) -> dict:
-    from .data import data_pairs, describe_preferences
+    from .data import HELDOUT_BARE_SHARE, data_pairs, describe_preferences
     from .reward import (RewardConfig, load_reward_model, pairwise_accuracy, resolve_reward,
                          reward_settings, to_rows)
 
@@ -23,7 +23,8 @@ def eval_reward(refs: list[str], n_pairs: int = 300, seed: int = 0) -> dict:
         label, _, r = ref.partition("=") if "=" in ref else (ref, "", ref)
         path = resolve_reward(r) if r not in ("untrained",) else "default"
         cfg = RewardConfig(**reward_settings(path))
-        splits = {s: data_pairs(s, n_pairs, seed + 7, cfg.n_sources, cfg.answer_words)
+        splits = {s: data_pairs(s, n_pairs, seed + 7, cfg.n_sources, cfg.answer_words,
+                                 bare_share=HELDOUT_BARE_SHARE)
                   for s in ("val", "eval")}
         out["pairs"] = {s: describe_preferences(p) for s, p in splits.items()}
         model, tok = load_reward_model(path, cfg.max_length)
