@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from rag_app.config import shared_data_dir
-from rag_app.datasets import (medquad_records, medquad_test_titles, pubmedqa_heldout_pmids,
-                              pubmedqa_records)
+from rag_app.datasets import (_bucket, medquad_records, medquad_test_titles,
+                              pubmedqa_heldout_pmids, pubmedqa_records)
 
 SPLITS = ("train", "val", "eval")
 
@@ -73,12 +73,9 @@ def _heldout_pmids() -> frozenset[str]:
 
 
 def _val_bucket(group: str, val_fraction: float) -> bool:
-    """Case-blind, like the held-out split: MedQuAD spells some foci two ways ("Amyloidosis" and
-    "amyloidosis"), and both spellings must fall on the same side."""
-    import hashlib
-
-    h = int(hashlib.sha1(("val:" + group.strip().lower()).encode()).hexdigest(), 16) % 1000
-    return h < val_fraction * 1000
+    """The held-out split's hash rule (case-blind: MedQuAD spells some foci two ways,
+    "Amyloidosis" and "amyloidosis", and both must fall on the same side), salted "val:"."""
+    return _bucket("val:" + group.strip(), 1000) < val_fraction * 1000
 
 
 def split_of(p_or_q, val_fraction: float = 0.1) -> str:
