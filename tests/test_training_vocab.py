@@ -180,6 +180,41 @@ def test_new_token_stage_trains_only_the_added_rows_and_lowers_their_loss():
     assert warm_new_tokens(model, tok, "clm", blocks, PretrainConfig())["steps"] == 0
 
 
+def test_token_windows_are_cut_around_added_tokens_round_robin_and_train_the_rows():
+    """`new_token_window`: windows of N ids with an added token 3/4 of the way in (clamped at
+    a block's edges), taken in turn from each added token so a rare one gets as many as its
+    occurrences allow; the row stage on them lowers the loss and moves only the added rows."""
+    from training.pretrain import PretrainConfig, token_windows, warm_new_tokens
+
+    a, b = 1000, 1001
+    blocks = [[1] * 10 + [a] + [2] * 9 + [a] + [3] * 11, [a] + [4] * 30 + [b]]
+    wins = token_windows(blocks, [a, b], 8, 10)
+    assert all(len(w) == 8 for w in wins)
+    firsts = [w for w in wins if b not in w]
+    assert [a in w for w in wins].count(True) == 3 and sum(b in w for w in wins) == 1
+    assert wins[0] == [1] * 6 + [a, 2] and wins[1][-1] == b  # a, b, a, a: in turn
+    assert wins[2] == [2] * 6 + [a, 3] and wins[3] == [a] + [4] * 7  # clamped at the start
+    assert len(firsts) == 3 and len(token_windows(blocks, [a, b], 8, 2)) == 2
+    assert token_windows(blocks, [a, b], 40, 5) == []  # blocks shorter than the window
+
+    tok, model = _tiny_untied_llama()
+    new = [x["id"] for x in add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])]
+    ids = tok(" The kidney and the liver were fine." * 6 + " In glomerulonephritis the kidney"
+              " fails." + " The kidney was fine." * 6, add_special_tokens=False)["input_ids"]
+    blocks = [ids[:64]] + [ids[i:i + 64] for i in range(40, len(ids) - 64, 8)]
+    before = model.get_input_embeddings().weight.detach().clone()
+    cfg = PretrainConfig(new_token_steps=3, new_token_lr=5e-2, batch_size=2, block_size=64,
+                         new_token_window=16)
+    info = warm_new_tokens(model, tok, "clm", blocks, cfg)
+    assert info["window"] == 16 and info["tokens_covered"] == 1 and info["examples"] >= 1
+    after = model.get_input_embeddings().weight
+    assert not torch.allclose(after[new[0]], before[new[0]])
+    assert torch.equal(after[new[1]], before[new[1]])  # never in a window: no gradient
+    assert info["loss_last"] < info["loss_first"]
+    with pytest.raises(ValueError, match="new_token_window"):
+        PretrainConfig(new_token_window=4)
+
+
 def test_distill_stage_expands_added_tokens_to_their_old_pieces_and_lowers_its_loss():
     """new_token_objective=distill: the text in the old vocabulary is the added tokens expanded
     back into their pieces (= the old tokenizer's own ids), positions align where both have
@@ -250,3 +285,35 @@ def test_token_attribution_splits_nats_by_span_of_the_adapted_tokenisation():
     res = attribute((model, old_tok), (model, tok), texts, set(added_token_ids(tok)))
     assert all(v > 0 for c in ("new", "after", "other") for v in res[c])
     assert res["other"][0] == pytest.approx(res["other"][1], rel=0.5)
+
+
+def test_same_text_blocks_score_every_token_once_and_the_same_characters_across_tokenizers():
+    """`rag eval lm --chars N`: all of the first N characters in blocks that overlap by one
+    token, so every token but the first is predicted once (the shorter last block too) and a
+    vocabulary-adapted tokenizer is scored on the same characters as the old one."""
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.lm_eval import eval_blocks, first_chars, perplexity, text_blocks
+
+    tok, model = _tiny_untied_llama()
+    old_tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    texts = [" In glomerulonephritis the kidney fails.", "A pheochromocytoma raises pressure."]
+    assert first_chars(texts, 45) == [texts[0], texts[1][:45 - len(texts[0])]]
+    for t in (old_tok, tok):
+        stream = [i for x in t(texts)["input_ids"] for i in x + [t.eos_token_id]]
+        blocks = text_blocks(texts, t, 8)
+        assert all(len(b) == 8 for b in blocks[:-1]) and 2 <= len(blocks[-1]) <= 8
+        assert [i for b in blocks for i in b[1:]] == stream[1:]  # each predicted once
+    old = perplexity(model, old_tok, text_blocks(texts, old_tok, 8), "clm", batch_size=3)
+    new = perplexity(model, tok, text_blocks(texts, tok, 8), "clm", batch_size=3)
+    assert old["tokens"] > new["tokens"]  # the added words are one token each
+    assert old["chars"] == new["chars"] == sum(len(t) for t in texts) - len(" In")  # not the 1st
+    from training.lmdata import text_split, train_val_split
+
+    val = [d.text for d in train_val_split(text_split("domain")[0])[1]]
+    for t in (old_tok, tok):
+        b = eval_blocks("domain-val", t, 64, 0, chars=3000)
+        ids = b[0][:1] + [i for x in b for i in x[1:]]
+        assert t.decode(ids, skip_special_tokens=True) == "".join(first_chars(val, 3000))

@@ -88,6 +88,9 @@ def add_eval_parsers(esub) -> None:
                    help="domain-heldout | domain-val (the train side's validation slice, for "
                         "choosing hyper-parameters) | general | PATH (.txt or .jsonl)")
     m.add_argument("--limit", type=int, default=32, help="blocks (0 = all)")
+    m.add_argument("--chars", type=int, default=0,
+                   help="instead of --limit blocks: the first N characters of --text, all "
+                        "scored, so models with different tokenizers see the same text")
     m.add_argument("--block-size", type=int, default=256)
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--objective", default="auto", choices=["auto", "clm", "mlm"])

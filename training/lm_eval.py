@@ -119,14 +119,21 @@ def mask_blocks(blocks, tokenizer, probability: float = 0.15, seed: int = 0, off
     return ids.masked_fill(chosen, tokenizer.mask_token_id), labels
 
 
+def batched(blocks, batch_size: int):
+    """(offset, blocks[offset:...]) in runs of <= batch_size blocks of one length (the shorter
+    last block of `text_blocks` gets its own batch)."""
+    starts = [i for i in range(len(blocks)) if i % batch_size == 0
+              or len(blocks[i]) != len(blocks[i - 1])]
+    return [(i, blocks[i:j]) for i, j in zip(starts, starts[1:] + [len(blocks)])]
+
+
 def lm_batches(blocks, objective: str, tokenizer, batch_size: int, mlm_probability: float = 0.15,
                seed: int = 0) -> list[dict]:
     """Blocks -> model batches {input_ids, labels} (MLM: a fixed seeded masking)."""
     import torch
 
     out = []
-    for i in range(0, len(blocks), batch_size):
-        part = blocks[i:i + batch_size]
+    for i, part in batched(blocks, batch_size):
         if objective == "clm":
             ids = torch.tensor(part, dtype=torch.long)
             out.append({"input_ids": ids, "labels": ids.clone()})
@@ -165,6 +172,7 @@ def perplexity(model, tokenizer, blocks, objective: str, batch_size: int = 4,
            "tokens": count, "blocks": len(blocks)}
     if objective == "clm" and chars:
         out["bits_per_char"] = round(nll / math.log(2) / chars, 5)
+        out["chars"] = chars
     return out
 
 
@@ -222,10 +230,10 @@ def rare_term_accuracy(model, tokenizer, blocks, words, batch_size: int = 4) -> 
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for i in range(0, len(blocks), batch_size):
-            ids = torch.tensor(blocks[i:i + batch_size], dtype=torch.long)
+        for i, part in batched(blocks, batch_size):
+            ids = torch.tensor(part, dtype=torch.long)
             pred = model(input_ids=ids).logits.argmax(-1)
-            for row, sp in enumerate(spans[i:i + batch_size]):
+            for row, sp in enumerate(spans[i:i + len(part)]):
                 for a, b in sp:
                     ok = pred[row, a - 1:b - 1] == ids[row, a:b]
                     hit_tok += int(ok.sum())
@@ -238,11 +246,37 @@ def rare_term_accuracy(model, tokenizer, blocks, words, batch_size: int = 4) -> 
             "term_tokens": n_tok, "term_occurrences": n_word, "terms": len(words)}
 
 
+def text_blocks(texts, tokenizer, block_size: int) -> list:
+    """ALL of `texts` (an EOS after each, as in `pack`) in blocks of `block_size` ids that
+    overlap by one id, the last one shorter: every token but the very first is predicted
+    exactly once, so models with different tokenizers are scored on the same characters."""
+    eos = tokenizer.eos_token_id if tokenizer.sep_token_id is None else None
+    buf: list[int] = []
+    for ids in tokenizer(list(texts), verbose=False)["input_ids"]:
+        buf.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            buf.append(eos)
+    return [buf[i:i + block_size] for i in range(0, max(len(buf) - 1, 1), block_size - 1)]
+
+
+def first_chars(texts, n: int) -> list[str]:
+    """The leading texts up to `n` characters in all (the last one cut at the budget)."""
+    out, left = [], n
+    for t in texts:
+        if left <= 0:
+            break
+        out.append(t[:left])
+        left -= len(out[-1])
+    return out
+
+
 def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fraction: float = 0.05,
-                split_seed: int = 0) -> list:
+                split_seed: int = 0, chars: int = 0) -> list:
     """Blocks of domain-heldout (the corpus's held-out documents), domain-val (the validation
     slice of its train side, for choosing hyper-parameters), general (held-out chapters of the
-    general books) or a file (all of it)."""
+    general books) or a file (all of it). `limit` blocks of `block_size` TOKENS (0 = all); or,
+    with `chars`, the first `chars` characters of the text in `text_blocks`: the same text
+    whatever the tokenizer (for comparing bits per char across vocabularies)."""
     from .lmdata import file_documents, pack, text_split, train_val_split
 
     if text == "domain-val":
@@ -253,6 +287,8 @@ def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fract
         docs = held
     else:
         docs = file_documents(text)
+    if chars:
+        return text_blocks(first_chars((d.text for d in docs), chars), tokenizer, block_size)
     return pack([d.text for d in docs], tokenizer, block_size, limit)
 
 
@@ -284,6 +320,7 @@ def run_eval_lm(args) -> dict:
     """`rag eval lm`: perplexity of each --model on --text; JSON (+ PNG) with --out."""
     refs = args.model or ["base"]
     result: dict = {"text": args.text, "block_size": args.block_size, "limit": args.limit,
+                    "chars": getattr(args, "chars", 0),
                     "split_seed": args.split_seed, "models": {}}
     words = None
     for ref in refs:
@@ -291,7 +328,7 @@ def run_eval_lm(args) -> dict:
         path, adapter = resolve_lm(r)
         model, tok, objective, info = load_lm(path, args.objective, adapter)
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
-                             args.heldout_fraction, args.split_seed)
+                             args.heldout_fraction, args.split_seed, getattr(args, "chars", 0))
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
         if objective == "clm" and getattr(args, "rare_terms", 0) and args.text != "general":
             if words is None:

@@ -73,6 +73,11 @@ class PretrainConfig(TrainConfig):
     # tokens expanded back into their pieces): soft targets from the old-tokenisation pass at
     # the aligned position (over the old vocabulary), the real token where it is an added one
     new_token_objective: str = "lm"
+    # the row stage's examples: 0 = the pool's blocks richest in added tokens (a few frequent
+    # tokens dominate them); N = windows of N ids cut around the added tokens' occurrences,
+    # taken round-robin over the added tokens so each gets about the same number of examples,
+    # batch_size * block_size // N windows per step (the same tokens per step as a block batch)
+    new_token_window: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,6 +88,9 @@ class PretrainConfig(TrainConfig):
                              f"{REGULARIZERS}")
         if self.block_size < 8 or self.gradient_accumulation_steps < 1:
             raise ValueError("block_size must be >= 8 and gradient_accumulation_steps >= 1")
+        if self.new_token_window and not 8 <= self.new_token_window <= self.block_size:
+            raise ValueError(f"new_token_window={self.new_token_window} is invalid: use 0 or "
+                             f"8..block_size ({self.block_size})")
         if self.new_token_objective not in ("lm", "distill"):
             raise ValueError(f"new_token_objective={self.new_token_objective!r} is invalid: "
                              "use lm or distill")
@@ -282,13 +290,39 @@ def distill_loss(model, input_ids, pieces: dict[int, list[int]], pad_id: int = 0
     return torch.where(torch.isin(nxt, new), hard, soft).mean()
 
 
+def token_windows(blocks: list, ids, window: int, n: int) -> list:
+    """Up to `n` windows of `window` ids cut from `blocks`, each around one occurrence of an
+    added token (3/4 of the window before it, so it is predicted from context and its row is
+    read by what follows), taken round-robin over the added tokens: every token gets about
+    the same number of windows, as far as its occurrences go."""
+    from collections import defaultdict
+
+    idset, occ = set(ids), defaultdict(list)
+    for bi, b in enumerate(blocks):
+        if len(b) < window:
+            continue
+        for j, t in enumerate(b):
+            if t in idset:
+                occ[t].append((bi, j))
+    queues = [occ[t][::-1] for t in sorted(occ)]  # pop() takes the earliest occurrence
+    out: list = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                bi, j = q.pop()
+                start = min(max(j - window * 3 // 4, 0), len(blocks[bi]) - window)
+                out.append(blocks[bi][start:start + window])
+    return out
+
+
 def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: PretrainConfig,
                     progress=None) -> dict:
     """Train only the rows of the added tokens (their mean-of-pieces initialisation leaves
     them uncalibrated, and at the full model's learning rate they barely move in a short run).
     Every other weight is frozen and the other rows' gradients are masked to zero, so AdamW
     (no weight decay) leaves them exactly as they were. Uses the blocks with the most added
-    tokens first (cycling through them when there are fewer than steps x batch). The loss is
+    tokens first, or with new_token_window the balanced windows of `token_windows` (cycling
+    through them when there are fewer than the steps need). The loss is
     the next-token loss, or with new_token_objective=distill `distill_loss` (causal LMs).
     Returns {steps, new_tokens, lr, objective, loss_first, loss_last}."""
     import torch
@@ -316,9 +350,18 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
     mask = torch.zeros(emb_in.shape[0], 1)
     mask[ids] = 1.0
     idset = set(ids)
-    ranked = sorted(blocks, key=lambda b: -sum(t in idset for t in b))
-    batches = lm_batches(ranked[:cfg.new_token_steps * cfg.batch_size], objective, tokenizer,
-                         cfg.batch_size, cfg.mlm_probability, cfg.seed)
+    if cfg.new_token_window:
+        per_step = max(cfg.batch_size * cfg.block_size // cfg.new_token_window, 1)
+        examples = token_windows(blocks, ids, cfg.new_token_window,
+                                 cfg.new_token_steps * per_step)
+    else:
+        per_step = cfg.batch_size
+        examples = sorted(blocks, key=lambda b: -sum(t in idset for t in b))[
+            :cfg.new_token_steps * cfg.batch_size]
+    if not examples:
+        return {"steps": 0, "new_tokens": len(ids)}
+    batches = lm_batches(examples, objective, tokenizer, per_step, cfg.mlm_probability,
+                         cfg.seed)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -348,7 +391,9 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
     return {"steps": len(losses), "new_tokens": len(ids), "lr": cfg.new_token_lr,
-            "objective": cfg.new_token_objective,
+            "objective": cfg.new_token_objective, "window": cfg.new_token_window,
+            "examples": len(examples),
+            "tokens_covered": len({t for e in examples for t in e} & idset),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}
 
