@@ -301,14 +301,17 @@ def plot_lm(result: dict, path: str) -> None:
 
     rows = result["models"]  # {label: {text: metrics}}
     texts = sorted({t for m in rows.values() for t in m})
+    # the same text for every tokenizer (--chars): bits per char, comparable across vocabularies
+    key, what = ("bits_per_char", "bits per char") if result.get("chars") else \
+        ("perplexity", "perplexity")
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     w = 0.8 / max(len(rows), 1)
     for i, (label, m) in enumerate(rows.items()):
-        vals = [m.get(t, {}).get("perplexity", float("nan")) for t in texts]
+        vals = [m.get(t, {}).get(key, float("nan")) for t in texts]
         bars = ax.bar([j + i * w for j in range(len(texts))], vals, w, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.bar_label(bars, fmt="%.4f" if key == "bits_per_char" else "%.2f", fontsize=7)
     ax.set_xticks([j + w * (len(rows) - 1) / 2 for j in range(len(texts))], texts)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel(f"{what} (lower is better)")
     ax.set_title(result.get("title", "language-model perplexity"), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
