@@ -247,15 +247,12 @@ def rare_term_accuracy(model, tokenizer, blocks, words, batch_size: int = 4) -> 
 
 
 def text_blocks(texts, tokenizer, block_size: int) -> list:
-    """ALL of `texts` (an EOS after each, as in `pack`) in blocks of `block_size` ids that
+    """ALL of `texts` (`token_stream`, as in `pack`) in blocks of `block_size` ids that
     overlap by one id, the last one shorter: every token but the very first is predicted
     exactly once, so models with different tokenizers are scored on the same characters."""
-    eos = tokenizer.eos_token_id if tokenizer.sep_token_id is None else None
-    buf: list[int] = []
-    for ids in tokenizer(list(texts), verbose=False)["input_ids"]:
-        buf.extend(ids)
-        if eos is not None and (not ids or ids[-1] != eos):
-            buf.append(eos)
+    from .lmdata import token_stream
+
+    buf = [i for ids in token_stream(texts, tokenizer) for i in ids]
     return [buf[i:i + block_size] for i in range(0, max(len(buf) - 1, 1), block_size - 1)]
 
 
@@ -323,7 +320,7 @@ def run_eval_lm(args) -> dict:
     """`rag eval lm`: perplexity of each --model on --text; JSON (+ PNG) with --out."""
     refs = args.model or ["base"]
     result: dict = {"text": args.text, "block_size": args.block_size, "limit": args.limit,
-                    "chars": getattr(args, "chars", 0),
+                    "chars": args.chars,
                     "split_seed": args.split_seed, "models": {}}
     words = None
     for ref in refs:
@@ -331,7 +328,7 @@ def run_eval_lm(args) -> dict:
         path, adapter = resolve_lm(r)
         model, tok, objective, info = load_lm(path, args.objective, adapter)
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
-                             args.heldout_fraction, args.split_seed, getattr(args, "chars", 0))
+                             args.heldout_fraction, args.split_seed, args.chars)
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
         if objective == "clm" and getattr(args, "rare_terms", 0) and args.text != "general":
             if words is None:

@@ -169,20 +169,30 @@ def train_val_split(train_docs: list[TextDoc], val_fraction: float = VAL_FRACTIO
         else (list(train_docs), [])
 
 
+def token_stream(texts, tokenizer, batch: int = 64):
+    """The texts' ids, `batch` texts at a time (one list per batch), each text followed by
+    the EOS token unless it already ends with one (none for tokenizers with a SEP token: their
+    own special tokens mark the documents)."""
+    eos = tokenizer.eos_token_id if tokenizer.sep_token_id is None else None
+    texts = list(texts)
+    for i in range(0, len(texts), batch):
+        buf: list[int] = []
+        for ids in tokenizer(texts[i:i + batch], verbose=False)["input_ids"]:
+            buf.extend(ids)
+            if eos is not None and (not ids or ids[-1] != eos):
+                buf.append(eos)
+        yield buf
+
+
 def pack(texts, tokenizer, block_size: int, max_blocks: int = 0, batch: int = 64) -> list:
     """Token blocks of exactly `block_size` ids (the remainder is dropped); tokenises only as
     many texts as `max_blocks` (0 = all) needs."""
     if block_size < 8:
         raise ValueError(f"block_size={block_size} is invalid: use >= 8")
-    eos = tokenizer.eos_token_id if tokenizer.sep_token_id is None else None
-    texts = list(texts)
     buf: list[int] = []
     blocks: list[list[int]] = []
-    for i in range(0, len(texts), batch):
-        for ids in tokenizer(texts[i:i + batch], verbose=False)["input_ids"]:
-            buf.extend(ids)
-            if eos is not None and (not ids or ids[-1] != eos):
-                buf.append(eos)
+    for ids in token_stream(texts, tokenizer, batch):
+        buf.extend(ids)
         n = len(buf) // block_size
         blocks += [buf[j * block_size:(j + 1) * block_size] for j in range(n)]
         buf = buf[n * block_size:]
