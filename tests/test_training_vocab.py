@@ -180,6 +180,65 @@ def test_new_token_stage_trains_only_the_added_rows_and_lowers_their_loss():
     assert warm_new_tokens(model, tok, "clm", blocks, PretrainConfig())["steps"] == 0
 
 
+def test_frozen_rows_stay_bit_identical_while_the_rest_of_the_model_trains():
+    """`new_token_freeze`: in the full run the added rows (input and untied output embeddings)
+    keep the row stage's values under AdamW without weight decay; every other row moves; the
+    hooks come off; decay with freezing is refused."""
+    from training.pretrain import PretrainConfig, freeze_rows
+
+    tok, model = _tiny_untied_llama()
+    new = [a["id"] for a in add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])]
+    ids = tok(" In glomerulonephritis and pheochromocytoma the kidney" * 16,
+              add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids[i:i + 16] for i in range(0, 64, 16)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks = freeze_rows(model, new)
+    assert len(hooks) == 2  # untied: input and output matrices
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        p = dict(model.named_parameters())[name]
+        assert torch.equal(p[new], before[name][new]), name
+        old = [i for i in ids[:8] if i not in new]
+        assert old and not torch.equal(p[old], before[name][old]), name
+    for h in hooks:
+        h.remove()
+    model(input_ids=x, labels=x).loss.backward()
+    assert model.get_input_embeddings().weight.grad[new].abs().sum() > 0
+    assert freeze_rows(model, []) == []
+    with pytest.raises(ValueError, match="weight_decay 0"):
+        PretrainConfig(new_token_freeze=True, weight_decay=0.01)
+
+
+def test_untie_copies_the_tied_matrix_and_saves_untied(tmp_path):
+    """`untie_embeddings`: same outputs at first, then the two matrices train apart, and the
+    saved model reloads with its own lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.pretrain import untie_embeddings
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    assert untie_embeddings(model) and not untie_embeddings(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+        model.lm_head.weight[3] += 1.0
+    model.save_pretrained(tmp_path)
+    back = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert back.lm_head.weight is not back.get_input_embeddings().weight
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(back.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
 def test_token_windows_are_cut_around_added_tokens_round_robin_and_train_the_rows():
     """`new_token_window`: windows of N ids with an added token 3/4 of the way in (clamped at
     a block's edges), taken in turn from each added token so a rare one gets as many as its

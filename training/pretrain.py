@@ -78,6 +78,15 @@ class PretrainConfig(TrainConfig):
     # taken round-robin over the added tokens so each gets about the same number of examples,
     # batch_size * block_size // N windows per step (the same tokens per step as a block batch)
     new_token_window: int = 0
+    # keep the added rows as the row stage left them during the full run (their gradients are
+    # zeroed, so AdamW without weight decay leaves them exactly as they were); the full run's
+    # 1e-4 then trains only the old weights
+    new_token_freeze: bool = False
+    # give a model with tied input/output embeddings (SmolLM2) its own output matrix, a copy
+    # of the input one, before any training: an added token's input row (what the following
+    # text reads) and output row (what predicts the word) can then differ. Adds
+    # vocab x hidden parameters (28M for SmolLM2-135M); the saved model stays untied
+    untie_embeddings: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,6 +103,9 @@ class PretrainConfig(TrainConfig):
         if self.new_token_objective not in ("lm", "distill"):
             raise ValueError(f"new_token_objective={self.new_token_objective!r} is invalid: "
                              "use lm or distill")
+        if self.new_token_freeze and self.weight_decay:
+            raise ValueError("new_token_freeze needs weight_decay 0 (decay would still move "
+                             "the frozen rows)")
         if self.regularizer != "none" and self.importance_blocks < 1:
             raise ValueError("importance_blocks must be >= 1 with a regularizer")
 
@@ -398,6 +410,42 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
             "loss_last": losses[-1] if losses else None}
 
 
+def untie_embeddings(model) -> bool:
+    """Make the output embedding matrix a separate copy of the tied input one (config
+    tie_word_embeddings=False, so it saves and reloads untied). False if already untied."""
+    import torch
+
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not emb.weight:
+        return False
+    out.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5: the save/load tie mapping
+        model.all_tied_weights_keys = {}
+    return True
+
+
+def freeze_rows(model, ids: list[int]) -> list:
+    """Zero the gradients of embedding rows `ids` (input and, when untied, output) so an
+    optimiser without weight decay leaves them unchanged. Returns the hooks (remove() them)."""
+    import torch
+
+    if not ids:
+        return []
+    emb_in = model.get_input_embeddings().weight
+    out_emb = model.get_output_embeddings()
+    params = [emb_in] + ([out_emb.weight] if out_emb is not None and
+                         out_emb.weight is not emb_in else [])
+    hooks = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        keep = torch.ones(p.shape[0], 1)
+        keep[ids] = 0.0
+        hooks.append(p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+    return hooks
+
+
 def make_trainer(cfg, model, tokenizer, objective, train_blocks, out, progress, penalty):
     import torch
     from datasets import Dataset
@@ -433,6 +481,7 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         start = resolve_start(cfg.base_model, cfg.objective)
         model, tok, objective, info = load_lm(start, cfg.objective)
         model.train()
+        untied = untie_embeddings(model) if cfg.untie_embeddings else False
         train_docs, held_docs = text_split(cfg.domain_text, cfg.heldout_fraction, cfg.split_seed)
         gen_train, gen_held = text_split("general", split_seed=cfg.split_seed)
         n_train = cfg.train_blocks or \
@@ -469,8 +518,13 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
             cfg, start, objective, (train_docs, held_docs), train_blocks, evals, reg_info, info))
         manifest.metrics_before = before
         manifest.data["new_token_stage"] = warm
+        manifest.data["untied_embeddings"] = untied
         trainer = make_trainer(cfg, model, tok, objective, train_blocks, out, progress, penalty)
+        hooks = freeze_rows(model, added_token_ids(tok)) if cfg.new_token_freeze else []
+        manifest.data["new_token_stage"]["frozen_in_full_run"] = bool(hooks)
         trainer.train(resume_from_checkpoint=last)
+        for h in hooks:
+            h.remove()
         final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
         after = measure(final, tok, objective, evals, cfg)
         penalties = [r["penalty"] for r in trainer.state.log_history if "penalty" in r]
