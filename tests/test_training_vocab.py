@@ -376,3 +376,29 @@ def test_same_text_blocks_score_every_token_once_and_the_same_characters_across_
         b = eval_blocks("domain-val", t, 64, 0, chars=3000)
         ids = b[0][:1] + [i for x in b for i in x[1:]]
         assert t.decode(ids, skip_special_tokens=True) == "".join(first_chars(val, 3000))
+
+
+def test_ignored_added_targets_leave_only_old_token_loss():
+    """`new_token_targets=ignore`: the full run's labels are -100 at the added tokens (the
+    inputs keep them), so the loss is the mean over old-token targets only; other values
+    are refused."""
+    from training.pretrain import PretrainConfig, clm_collator
+
+    tok, model = _tiny_untied_llama()
+    new = [a["id"] for a in add_terms(model, tok, [" glomerulonephritis"])]
+    ids = tok(" In glomerulonephritis the kidney filters blood" * 4,
+              add_special_tokens=False)["input_ids"][:24]
+    assert new[0] in ids
+    batch = clm_collator(new)([{"input_ids": ids}])
+    assert torch.equal(batch["input_ids"][0], torch.tensor(ids))
+    assert (batch["labels"] == -100).sum() == ids.count(new[0]) > 0
+    plain = clm_collator()([{"input_ids": ids}])
+    assert (plain["labels"] == -100).sum() == 0
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[0, :-1], -1)
+        nll = -logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        keep = torch.tensor([t != new[0] for t in ids[1:]])
+        assert torch.allclose(model(**batch).loss, nll[keep].mean(), atol=1e-5)
+        assert not torch.allclose(model(**plain).loss, nll[keep].mean(), atol=1e-3)
+    with pytest.raises(ValueError, match="train or ignore"):
+        PretrainConfig(new_token_targets="skip")

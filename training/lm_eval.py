@@ -330,7 +330,7 @@ def run_eval_lm(args) -> dict:
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
                              args.heldout_fraction, args.split_seed, args.chars)
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
-        if objective == "clm" and getattr(args, "rare_terms", 0) and args.text != "general":
+        if objective == "clm" and args.rare_terms and args.text != "general":
             if words is None:
                 words = rare_terms(tok, args.rare_terms, args.heldout_fraction, args.split_seed)
                 result["rare_terms"] = words

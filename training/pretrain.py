@@ -87,6 +87,10 @@ class PretrainConfig(TrainConfig):
     # text reads) and output row (what predicts the word) can then differ. Adds
     # vocab x hidden parameters (28M for SmolLM2-135M); the saved model stays untied
     untie_embeddings: bool = False
+    # the full run's targets at the added tokens: train = the usual next-token loss on every
+    # token; ignore = label -100 there (causal LMs), so the body and old rows learn only from
+    # predicting old tokens and the added rows only from being read as context
+    new_token_targets: str = "train"
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +107,9 @@ class PretrainConfig(TrainConfig):
         if self.new_token_objective not in ("lm", "distill"):
             raise ValueError(f"new_token_objective={self.new_token_objective!r} is invalid: "
                              "use lm or distill")
+        if self.new_token_targets not in ("train", "ignore"):
+            raise ValueError(f"new_token_targets={self.new_token_targets!r} is invalid: use "
+                             "train or ignore")
         if self.new_token_freeze and self.weight_decay:
             raise ValueError("new_token_freeze needs weight_decay 0 (decay would still move "
                              "the frozen rows)")
@@ -327,6 +334,13 @@ def token_windows(blocks: list, ids, window: int, n: int) -> list:
     return out
 
 
+def embedding_matrices(model) -> list:
+    """The input embedding matrix, plus the output one when it is a separate (untied) matrix."""
+    emb_in = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    return [emb_in] + ([out.weight] if out is not None and out.weight is not emb_in else [])
+
+
 def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: PretrainConfig,
                     progress=None) -> dict:
     """Train only the rows of the added tokens (their mean-of-pieces initialisation leaves
@@ -355,11 +369,8 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
     else:
         def step_loss(batch):
             return model(**batch).loss
-    emb_in = model.get_input_embeddings().weight
-    out_emb = model.get_output_embeddings()
-    params = [emb_in] + ([out_emb.weight] if out_emb is not None and
-                         out_emb.weight is not emb_in else [])
-    mask = torch.zeros(emb_in.shape[0], 1)
+    params = embedding_matrices(model)
+    mask = torch.zeros(params[0].shape[0], 1)
     mask[ids] = 1.0
     idset = set(ids)
     if cfg.new_token_window:
@@ -432,18 +443,28 @@ def freeze_rows(model, ids: list[int]) -> list:
 
     if not ids:
         return []
-    emb_in = model.get_input_embeddings().weight
-    out_emb = model.get_output_embeddings()
-    params = [emb_in] + ([out_emb.weight] if out_emb is not None and
-                         out_emb.weight is not emb_in else [])
     hooks = []
-    for p in params:
+    for p in embedding_matrices(model):
         if not p.requires_grad:
             continue
         keep = torch.ones(p.shape[0], 1)
         keep[ids] = 0.0
         hooks.append(p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
     return hooks
+
+
+def clm_collator(ignore_ids=()):
+    """Causal-LM batches of equal-length blocks: labels = the ids, -100 at `ignore_ids`."""
+    import torch
+
+    ignore = torch.tensor(list(ignore_ids), dtype=torch.long)
+
+    def collate(features):
+        ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+        labels = ids.clone()
+        labels[torch.isin(labels, ignore)] = -100
+        return {"input_ids": ids, "labels": labels}
+    return collate
 
 
 def make_trainer(cfg, model, tokenizer, objective, train_blocks, out, progress, penalty):
@@ -453,10 +474,11 @@ def make_trainer(cfg, model, tokenizer, objective, train_blocks, out, progress, 
 
     from .regularizers import penalty_trainer_class
 
+    ignore = added_token_ids(tokenizer) if cfg.new_token_targets == "ignore" else []
     if objective == "clm":
-        def collate(features):
-            ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
-            return {"input_ids": ids, "labels": ids.clone()}
+        collate = clm_collator(ignore)
+    elif ignore:
+        raise ValueError("new_token_targets=ignore needs a causal LM")
     else:
         collate = DataCollatorForLanguageModeling(tokenizer, mlm=True,
                                                   mlm_probability=cfg.mlm_probability)
@@ -522,9 +544,11 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         trainer = make_trainer(cfg, model, tok, objective, train_blocks, out, progress, penalty)
         hooks = freeze_rows(model, added_token_ids(tok)) if cfg.new_token_freeze else []
         manifest.data["new_token_stage"]["frozen_in_full_run"] = bool(hooks)
-        trainer.train(resume_from_checkpoint=last)
-        for h in hooks:
-            h.remove()
+        try:
+            trainer.train(resume_from_checkpoint=last)
+        finally:
+            for h in hooks:
+                h.remove()
         final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
         after = measure(final, tok, objective, evals, cfg)
         penalties = [r["penalty"] for r in trainer.state.log_history if "penalty" in r]
