@@ -376,6 +376,13 @@ def test_same_text_blocks_score_every_token_once_and_the_same_characters_across_
         b = eval_blocks("domain-val", t, 64, 0, chars=3000)
         ids = b[0][:1] + [i for x in b for i in x[1:]]
         assert t.decode(ids, skip_special_tokens=True) == "".join(first_chars(val, 3000))
+        b = eval_blocks("domain-val", t, 64, 0, doc_chars=40)  # every document's first 40
+        ids = b[0][:1] + [i for x in b for i in x[1:]]
+        assert t.decode(ids, skip_special_tokens=True) == "".join(v[:40] for v in val)
+        b = eval_blocks("domain-val", t, 64, 0, chars=500, doc_chars=40)
+        ids = b[0][:1] + [i for x in b for i in x[1:]]
+        assert t.decode(ids, skip_special_tokens=True) == "".join(
+            first_chars([v[:40] for v in val], 500))
 
 
 def test_ignored_added_targets_leave_only_old_token_loss():

@@ -91,6 +91,10 @@ def add_eval_parsers(esub) -> None:
     m.add_argument("--chars", type=int, default=0,
                    help="instead of --limit blocks: the first N characters of --text, all "
                         "scored, so models with different tokenizers see the same text")
+    m.add_argument("--doc-chars", type=int, default=0,
+                   help="with or without --chars: only the first N characters of every "
+                        "document, so the sample spans all documents (the leading ones of "
+                        "domain-val are mostly MedQuAD)")
     m.add_argument("--block-size", type=int, default=256)
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--objective", default="auto", choices=["auto", "clm", "mlm"])

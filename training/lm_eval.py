@@ -268,12 +268,14 @@ def first_chars(texts, n: int) -> list[str]:
 
 
 def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fraction: float = 0.05,
-                split_seed: int = 0, chars: int = 0) -> list:
+                split_seed: int = 0, chars: int = 0, doc_chars: int = 0) -> list:
     """Blocks of domain-heldout (the corpus's held-out documents), domain-val (the validation
     slice of its train side, for choosing hyper-parameters), general (held-out chapters of the
     general books) or a file (all of it). `limit` blocks of `block_size` TOKENS (0 = all); or,
     with `chars`, the first `chars` characters of the text in `text_blocks`: the same text
-    whatever the tokenizer (for comparing bits per char across vocabularies)."""
+    whatever the tokenizer (for comparing bits per char across vocabularies). `doc_chars`
+    takes only the first `doc_chars` characters of EVERY document (then the `chars` budget, if
+    any), so the sample spans all the documents and sources rather than the leading ones."""
     from .lmdata import file_documents, pack, text_split, train_val_split
 
     if text == "domain-val":
@@ -284,8 +286,10 @@ def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fract
         docs = held
     else:
         docs = file_documents(text)
-    if chars:
-        return text_blocks(first_chars((d.text for d in docs), chars), tokenizer, block_size)
+    if chars or doc_chars:
+        texts = (d.text[:doc_chars] if doc_chars else d.text for d in docs)
+        return text_blocks(first_chars(texts, chars) if chars else list(texts), tokenizer,
+                           block_size)
     return pack([d.text for d in docs], tokenizer, block_size, limit)
 
 
@@ -320,7 +324,7 @@ def run_eval_lm(args) -> dict:
     """`rag eval lm`: perplexity of each --model on --text; JSON (+ PNG) with --out."""
     refs = args.model or ["base"]
     result: dict = {"text": args.text, "block_size": args.block_size, "limit": args.limit,
-                    "chars": args.chars,
+                    "chars": args.chars, "doc_chars": args.doc_chars,
                     "split_seed": args.split_seed, "models": {}}
     words = None
     for ref in refs:
@@ -328,7 +332,8 @@ def run_eval_lm(args) -> dict:
         path, adapter = resolve_lm(r)
         model, tok, objective, info = load_lm(path, args.objective, adapter)
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
-                             args.heldout_fraction, args.split_seed, args.chars)
+                             args.heldout_fraction, args.split_seed, args.chars,
+                             args.doc_chars)
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
         if objective == "clm" and args.rare_terms and args.text != "general":
             if words is None:
