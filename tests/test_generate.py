@@ -56,9 +56,9 @@ def test_conversion_is_idempotent_and_recorded(base_path):
     info = json.loads((base_path / "conversion.json").read_text())
     assert info["source_file"] == gen.GGUF_FILE and len(info["sha256"]) == 64 and info["date"]
     stamp = (base_path / "model.safetensors").stat().st_mtime
-    t0 = time.perf_counter()
-    assert ensure_base_checkpoint(CACHE) == base_path
-    assert time.perf_counter() - t0 < 1.0  # cached: no second conversion
+    with pytest.MonkeyPatch.context() as mp:  # cached: a second call converts nothing
+        mp.setattr(gen, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))
+        assert ensure_base_checkpoint(CACHE) == base_path
     assert (base_path / "model.safetensors").stat().st_mtime == stamp
     assert resolve_generator_path("base") == str(ensure_base_checkpoint())
     for name in ("config.json", "tokenizer.json", "generation_config.json"):
@@ -123,8 +123,7 @@ def test_generate_answers_from_real_sources(generator, sources):
     print(f"\n{usage['new_tokens']} tokens in {seconds:.1f} s "
           f"({usage['new_tokens'] / usage['seconds']:.1f} tokens/s): {text!r}")
     assert text and text == text.strip() and "<|im_end|>" not in text
-    assert 0 < usage["new_tokens"] <= 40
-    assert seconds < 120  # ~2-3 s on an idle 2-core machine; generous for loaded CI hosts
+    assert 0 < usage["new_tokens"] <= 40  # speed is bench/bench_generate.py's, not a test's
     assert any(w in text.lower() for w in ("vision", "glaucoma", "eye"))
 
 
@@ -137,12 +136,20 @@ def test_stream_grows_to_generate(generator, sources):
     assert parts[-1] == generator.generate(question, sources)
 
 
-def test_stream_can_stop_early(generator, sources):
+def test_stream_can_stop_early(generator, sources, monkeypatch):
+    made, generate = [], generator.model.generate
+
+    def counting(**kwargs):  # how many tokens the generation thread went on to make
+        out = generate(**kwargs)
+        made.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+    monkeypatch.setattr(generator.model, "generate", counting)
     stream = generator.stream("What is glaucoma?", sources)
     first = next(stream)
-    t0 = time.perf_counter()
-    stream.close()  # stops the generation thread instead of waiting for 40 tokens
-    assert first and time.perf_counter() - t0 < 10
+    stream.close()  # stops the generation thread instead of letting it finish
+    assert first and len(made) == 1
+    generator.generate("What is glaucoma?", sources)  # the same answer, run to its end
+    assert len(made) == 2 and 0 < made[0] < made[1]
 
 
 def test_generate_from_prompt_is_raw(generator):
