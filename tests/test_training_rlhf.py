@@ -85,6 +85,11 @@ def test_synthetic_pairs_rank_sampled_answers_by_the_rubric_and_are_labelled():
     assert pairs[0].rejected == "It is caused by stress [4]."
     assert "uric acid" in pairs[0].chosen
     assert synthetic_pairs(prompts, lambda p, k: [candidates[0]] * k) == []  # nothing to rank
+    # all_pairs: both grounded answers beat the ungrounded one; the two grounded ones are
+    # within the margin of each other, so they make no pair
+    every = synthetic_pairs(prompts, lambda p, k: candidates[:k], k=3, all_pairs=True)
+    assert sorted(p.chosen for p in every) == sorted([candidates[0], candidates[2]])
+    assert {p.rejected for p in every} == {"It is caused by stress [4]."}
 
 
 def test_synthetic_prefs_run_samples_ranks_and_feeds_the_reward_data(tmp_path):

@@ -793,24 +793,26 @@ def rubric_rating(total: float) -> float:
 _CITES = __import__("re").compile(r"\[\d+\]")
 
 
-def synthetic_pairs(prompts: list[dict], generate, k: int = 4, margin: float = 0.25
-                    ) -> list[PreferencePair]:
+def synthetic_pairs(prompts: list[dict], generate, k: int = 4, margin: float = 0.25,
+                    all_pairs: bool = False) -> list[PreferencePair]:
     """For each prompt {question, sources, gold_numbers, group}: `generate(prompt, k)` returns
-    k sampled answers; the best and the worst by `rubric_score` make a pair when their totals
-    differ by >= margin. Labelled synthetic:rubric."""
+    k sampled answers ranked by `rubric_score`; the best and the worst make a pair when their
+    totals differ by >= margin, or with `all_pairs` every two answers that differ by >= margin
+    (up to k(k-1)/2 pairs per prompt, as InstructGPT's rankings). Labelled synthetic:rubric."""
     out = []
     for p in prompts:
         answers = list(dict.fromkeys(a.strip() for a in generate(p, k) if a.strip()))
         if len(answers) < 2:
             continue
-        scored = sorted(answers, key=lambda a: rubric_score(a, p["sources"],
-                                                            p["gold_numbers"])["total"])
-        lo = rubric_score(scored[0], p["sources"], p["gold_numbers"])["total"]
-        hi = rubric_score(scored[-1], p["sources"], p["gold_numbers"])["total"]
-        if hi - lo >= margin:
-            out.append(PreferencePair(p["question"], p["sources"], scored[-1], scored[0],
-                                      "synthetic:rubric", p.get("group", ""),
-                                      list(p["gold_numbers"])))
+        scored = sorted((rubric_score(a, p["sources"], p["gold_numbers"])["total"], a)
+                        for a in answers)
+        cands = [(i, j) for j in range(len(scored)) for i in range(j)] if all_pairs else \
+            [(0, len(scored) - 1)]
+        for i, j in cands:
+            if scored[j][0] - scored[i][0] >= margin:
+                out.append(PreferencePair(p["question"], p["sources"], scored[j][1],
+                                          scored[i][1], "synthetic:rubric", p.get("group", ""),
+                                          list(p["gold_numbers"])))
     return out
 
 

@@ -29,6 +29,7 @@ class SyntheticPrefsConfig(TrainConfig):
     top_p: float = 0.95
     max_new_tokens: int = 48
     margin: float = 0.25  # min rubric difference between chosen and rejected
+    all_pairs: bool = False  # every two answers apart by >= margin, not only best vs worst
     n_sources: int = 2
     p_no_answer: float = 0.25  # prompts without the gold passage (refusal is right there)
     max_prompt_tokens: int = 280
@@ -84,7 +85,7 @@ def run(cfg: SyntheticPrefsConfig, output: str | None = None, progress_file: str
         sample = sampler(model, tok, cfg)
         pairs = []
         for i, p in enumerate(tqdm(prompts, desc="sampling answers", unit="prompt")):
-            pairs += synthetic_pairs([p], sample, cfg.k, cfg.margin)
+            pairs += synthetic_pairs([p], sample, cfg.k, cfg.margin, cfg.all_pairs)
             progress.emit("step", i + 1, len(prompts), metrics={"pairs": len(pairs)})
         path_out = out / "synthetic_pairs.jsonl"
         with open(path_out, "w", encoding="utf-8") as f:
