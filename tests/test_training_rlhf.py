@@ -92,6 +92,23 @@ def test_synthetic_pairs_rank_sampled_answers_by_the_rubric_and_are_labelled():
     assert {p.rejected for p in every} == {"It is caused by stress [4]."}
 
 
+def test_read_pairs_round_trips_and_names_a_malformed_line(tmp_path):
+    import json
+
+    from rag_app.types import Source
+    from training.data import PreferencePair, read_pairs
+
+    srcs = [Source(1, "a#0", "a", "Gout", "Gout is caused by uric acid crystals.", 0.0)]
+    pair = PreferencePair("What causes gout?", srcs, "Uric acid [1].", "Stress.",
+                          "synthetic:rubric", "g", [1])
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair.to_dict()) + "\n\n")
+    assert read_pairs(str(path)) == [pair]
+    path.write_text(json.dumps(pair.to_dict()) + "\n" + '{"question": "x"}\n')
+    with pytest.raises(ValueError, match="pairs.jsonl:2"):
+        read_pairs(str(path))
+
+
 def test_synthetic_prefs_run_samples_ranks_and_feeds_the_reward_data(tmp_path):
     """`rag train synthetic-prefs` on the real packaged generator: the pairs file reloads as
     synthetic:rubric pairs whose chosen answer scores >= the rejected one by the rubric; only
@@ -114,6 +131,14 @@ def test_synthetic_prefs_run_samples_ranks_and_feeds_the_reward_data(tmp_path):
     train, held, desc = build_pairs(rc)
     n_syn = sum(p.origin == "synthetic:rubric" for p in train + held)
     assert n_syn == len(res["pairs"])
+    # DPO reads the same file, split by question the same way (n_pairs 0: synthetic only)
+    from training.dpo import DPOConfig, build_pairs as dpo_pairs
+
+    d_train, d_held, _ = dpo_pairs(DPOConfig(n_pairs=0, n_heldout_pairs=4, use_feedback=False,
+                                             synthetic_file=str(path)))
+    assert [p.chosen for p in d_train] == [p.chosen for p in train
+                                           if p.origin == "synthetic:rubric"]
+    assert len([p for p in d_held if p.origin == "synthetic:rubric"]) == n_syn - len(d_train)
     events = [json.loads(x)["event"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "done"
     with pytest.raises(ValueError, match="train split"):

@@ -741,6 +741,29 @@ def feedback_pairs(db: str | Path | None = None, include_ratings: bool = True
     return out
 
 
+def read_pairs(path: str) -> list[PreferencePair]:
+    """Preference pairs from a JSON-lines file of `PreferencePair.to_dict` rows (what `rag
+    train synthetic-prefs` writes); a malformed line is an error naming the file and line."""
+    import json
+
+    from rag_app.types import Source
+
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            srcs = [Source(s["number"], s["id"], s["doc_id"], s["title"], s["text"], 0.0)
+                    for s in d["sources"]]
+            out.append(PreferencePair(d["question"], srcs, d["chosen"], d["rejected"],
+                                      d["origin"], d["group"], d["gold_numbers"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: not a preference pair ({type(e).__name__}: {e})") \
+                from e
+    return out
+
+
 def split_by_group(pairs: list[PreferencePair], heldout_fraction: float, seed: int = 0
                    ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) with every group (question / focus / pmid) on one side only."""

@@ -33,6 +33,7 @@ class DPOConfig(TrainConfig):
     use_feedback: bool = True
     feedback_db: str = ""
     feedback_heldout: float = 0.3
+    synthetic_file: str = ""  # `rag train synthetic-prefs` pairs (20% held out by question)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_layers: int = 8
@@ -51,14 +52,17 @@ def to_dataset(pairs, tok, max_prompt_tokens: int):
 
 def build_pairs(cfg: DPOConfig):
     from .data import (HELDOUT_BARE_SHARE, data_pairs, describe_preferences, feedback_pairs,
-                       split_by_group)
+                       read_pairs, split_by_group)
 
-    train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words)
+    train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words) \
+        if cfg.n_pairs else []
     held = data_pairs("val", cfg.n_heldout_pairs, cfg.seed + 1, cfg.n_sources, cfg.answer_words,
                       bare_share=HELDOUT_BARE_SHARE)
     human = feedback_pairs(cfg.feedback_db or None) if cfg.use_feedback else []
     h_train, h_held = split_by_group(human, cfg.feedback_heldout, cfg.seed)
-    train, held = train + h_train, held + h_held
+    synth = read_pairs(cfg.synthetic_file) if cfg.synthetic_file else []
+    s_train, s_held = split_by_group(synth, 0.2, cfg.seed)
+    train, held = train + h_train + s_train, held + h_held + s_held
     return train, held, {"train": describe_preferences(train),
                          "heldout": describe_preferences(held)}
 
