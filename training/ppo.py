@@ -414,6 +414,7 @@ def plot_curves(history: list[dict], path: str) -> None:
 def run(cfg: PPOConfig, output: str | None = None, progress_file: str | None = None,
         resume: bool = False, activate: bool = False) -> dict:
     import torch
+    from tqdm.auto import tqdm
 
     from .policy import rl_prompts, start_policy
     from .reward import resolve_reward
@@ -473,6 +474,7 @@ def run(cfg: PPOConfig, output: str | None = None, progress_file: str | None = N
         stopped = ""
         t_loop = time.time()
         first = step
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="PPO iterations", unit="it")
         while step < cfg.max_steps:
             recs = [train[(step * cfg.batch_size + i) % len(train)]
                     for i in range(cfg.batch_size)]
@@ -487,6 +489,9 @@ def run(cfg: PPOConfig, output: str | None = None, progress_file: str | None = N
                           metrics={k: v for k, v in stats.items() if k != "sample"})
             log.info("ppo step %d: %s", step, {k: round(v, 3) for k, v in stats.items()
                                                if isinstance(v, float)})
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}",
+                            words=f"{stats['words']:.0f}")
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
                 _save_checkpoint(out, step, model, head, opt, kl_ctl, moments, history)
                 js = json.loads((out / f"checkpoint-{step}" / "ppo_state.json").read_text())
@@ -496,6 +501,7 @@ def run(cfg: PPOConfig, output: str | None = None, progress_file: str | None = N
                 stopped = f"KL {stats['kl']:.2f} > kl_stop {cfg.kl_stop}"
                 log.warning("early stop: %s", stopped)
                 break
+        bar.close()
         after = evaluate_policy(model, tok, held, scorer, cfg.max_new_tokens)
         wins = [a > b for a, b in zip(after["scores"], manifest.metrics_before["scores"])]
         rwins = [a > b for a, b in zip(after["rubric_each"], manifest.metrics_before["rubric_each"])]
