@@ -69,9 +69,12 @@ def eval_policy(refs: list[str], reward: str = "reward", n: int = 24, seed: int 
                                                          first["rubric_each"])) / len(recs)
         m["tie_rate_rubric"] = sum(a == b for a, b in zip(m["rubric_each"],
                                                           first["rubric_each"])) / len(recs)
+        m["loss_rate_rubric"] = 1.0 - m["win_rate_rubric"] - m["tie_rate_rubric"]
         out["models"][label] = m
         print(f"{label:24s} reward {m['score']:7.3f}  rubric {m['rubric']:6.3f}  "
-              f"win(reward) {m['win_rate_reward']:.2f}  win(rubric) {m['win_rate_rubric']:.2f}  "
+              f"win(reward) {m['win_rate_reward']:.2f}  win/tie/loss(rubric) "
+              f"{m['win_rate_rubric']:.2f}/{m['tie_rate_rubric']:.2f}/"
+              f"{m['loss_rate_rubric']:.2f}  "
               f"KL {m['kl']:6.2f}  words {m['words']:5.1f}  refusal-acc "
               f"{m['refusal_accuracy']:.2f}  cite-valid {m['citation_validity']:.2f}  "
               f"rating (rubric proxy, 1-5) {m['rating_rubric_1to5']:.2f}")
