@@ -744,8 +744,6 @@ def feedback_pairs(db: str | Path | None = None, include_ratings: bool = True
 def read_pairs(path: str) -> list[PreferencePair]:
     """Preference pairs from a JSON-lines file of `PreferencePair.to_dict` rows (what `rag
     train synthetic-prefs` writes); a malformed line is an error naming the file and line."""
-    import json
-
     from rag_app.types import Source
 
     out = []
