@@ -741,6 +741,9 @@ def feedback_pairs(db: str | Path | None = None, include_ratings: bool = True
     return out
 
 
+SYNTHETIC_HELDOUT = 0.2  # share of synthetic-pair questions held out
+
+
 def read_pairs(path: str) -> list[PreferencePair]:
     """Preference pairs from a JSON-lines file of `PreferencePair.to_dict` rows (what `rag
     train synthetic-prefs` writes); a malformed line is an error naming the file and line."""
@@ -760,6 +763,12 @@ def read_pairs(path: str) -> list[PreferencePair]:
             raise ValueError(f"{path}:{i}: not a preference pair ({type(e).__name__}: {e})") \
                 from e
     return out
+
+
+def synthetic_split(path: str, seed: int = 0) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out) of a synthetic-pairs file ("" = none), SYNTHETIC_HELDOUT of its
+    questions held out: the one split the reward model and DPO share."""
+    return split_by_group(read_pairs(path), SYNTHETIC_HELDOUT, seed) if path else ([], [])
 
 
 def split_by_group(pairs: list[PreferencePair], heldout_fraction: float, seed: int = 0

@@ -52,7 +52,7 @@ def to_dataset(pairs, tok, max_prompt_tokens: int):
 
 def build_pairs(cfg: DPOConfig):
     from .data import (HELDOUT_BARE_SHARE, data_pairs, describe_preferences, feedback_pairs,
-                       read_pairs, split_by_group)
+                       split_by_group, synthetic_split)
 
     train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words) \
         if cfg.n_pairs else []
@@ -60,8 +60,7 @@ def build_pairs(cfg: DPOConfig):
                       bare_share=HELDOUT_BARE_SHARE)
     human = feedback_pairs(cfg.feedback_db or None) if cfg.use_feedback else []
     h_train, h_held = split_by_group(human, cfg.feedback_heldout, cfg.seed)
-    synth = read_pairs(cfg.synthetic_file) if cfg.synthetic_file else []
-    s_train, s_held = split_by_group(synth, 0.2, cfg.seed)
+    s_train, s_held = synthetic_split(cfg.synthetic_file, cfg.seed)
     train, held = train + h_train + s_train, held + h_held + s_held
     return train, held, {"train": describe_preferences(train),
                          "heldout": describe_preferences(held)}

@@ -182,7 +182,7 @@ def build_pairs(cfg: RewardConfig) -> tuple[list, list, dict]:
     """(train pairs, held-out pairs, description). Held-out = the val split's groups (other
     MedQuAD foci / pmids than training) + a by-question share of the human pairs."""
     from .data import (HELDOUT_BARE_SHARE, data_pairs, describe_preferences, feedback_pairs,
-                       read_pairs, split_by_group)
+                       split_by_group, synthetic_split)
 
     train = data_pairs("train", cfg.n_pairs, cfg.seed, cfg.n_sources, cfg.answer_words,
                        bare_share=cfg.bare_decision_share)
@@ -190,8 +190,7 @@ def build_pairs(cfg: RewardConfig) -> tuple[list, list, dict]:
                       bare_share=HELDOUT_BARE_SHARE)
     human = feedback_pairs(cfg.feedback_db or None) if cfg.use_feedback else []
     h_train, h_held = split_by_group(human, cfg.feedback_heldout, cfg.seed)
-    synth = read_pairs(cfg.synthetic_file) if cfg.synthetic_file else []
-    s_train, s_held = split_by_group(synth, 0.2, cfg.seed)
+    s_train, s_held = synthetic_split(cfg.synthetic_file, cfg.seed)
     train, held = train + h_train + s_train, held + h_held + s_held
     return train, held, {"train": describe_preferences(train),
                          "heldout": describe_preferences(held),
