@@ -149,6 +149,10 @@ def test_robustness_phrasings_and_metrics(tokenizer):
     assert len(items) > 80 and len({e.group for e, _ in items}) == len(items)
     assert all(e.group in held and e.gold_numbers for e, _ in items)
     assert {g for _, g in items} <= {"yes", "no", "maybe"}
+    val = robustness_items(cfg, tokenizer, split="val")  # where settings are chosen
+    assert len(val) > 20 and not {e.group for e, _ in val} & held
+    with pytest.raises(ValueError, match="split"):
+        robustness_items(cfg, tokenizer, split="train")
     prompt = items[0][0].prompt
     assert len(PHRASINGS) == 6 and phrased_prompt(prompt, "serving") == prompt
     for k, p in enumerate(PHRASINGS[1:]):

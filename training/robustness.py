@@ -31,14 +31,18 @@ def instruction_of(phrasing: str) -> str:
     return EVAL_INSTRUCTIONS[PHRASINGS.index(phrasing) - 1]
 
 
-def robustness_items(cfg: InstructConfig, tokenizer, limit: int = 0) -> list[tuple]:
-    """(RAFT example, gold decision): one per held-out PubMedQA question (the gold passage
-    always present), sorted by id."""
+def robustness_items(cfg: InstructConfig, tokenizer, limit: int = 0,
+                     split: str = "eval") -> list[tuple]:
+    """(RAFT example, gold decision): one per PubMedQA question of `split` (the gold passage
+    always present), sorted by id. "eval" is the held-out fold; "val" the training side's
+    validation slice, where settings are chosen."""
+    if split not in ("val", "eval"):
+        raise ValueError(f"split={split!r} is invalid: choose val or eval (never train)")
     from .data import _pubmedqa_answers, instruction_examples, load_split
 
     records = _pubmedqa_answers()
-    n_q = sum(q.qid in records for q in load_split("eval", ("pubmedqa",)).queries)
-    exs = instruction_examples(tokenizer, n_q, "eval", ("pubmedqa",), 1.0, cfg.n_sources,
+    n_q = sum(q.qid in records for q in load_split(split, ("pubmedqa",)).queries)
+    exs = instruction_examples(tokenizer, n_q, split, ("pubmedqa",), 1.0, cfg.n_sources,
                                cfg.max_gold, 0.0, cfg.max_prompt_tokens, cfg.answer_words,
                                cfg.seed + 2)
     seen, items = set(), []
@@ -87,18 +91,19 @@ def spread(per_phrasing: dict) -> float:
 
 
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 8) -> dict:
+                    batch_size: int = 8, split: str = "eval") -> dict:
     from .instruct import prompt_fingerprint
     from .tasks import generate_texts, models_to_compare
 
     check_disjoint()
-    out: dict = {"dataset": "pubmedqa-heldout (RAFT prompts: gold + distractors)",
+    out: dict = {"dataset": ("pubmedqa-heldout" if split == "eval" else "pubmedqa-val")
+                 + " (RAFT prompts: gold + distractors)", "split": split,
                  "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
                  "phrasings": {p: instruction_of(p) for p in PHRASINGS},
                  "max_new_tokens": max_new_tokens, "n_sources": cfg.n_sources,
                  "prompt": prompt_fingerprint(), "models": {}}
     for label, name, model, tok in models_to_compare(refs):
-        items = robustness_items(cfg, tok, limit)
+        items = robustness_items(cfg, tok, limit, split)
         golds = [g for _, g in items]
         prompts = [phrased_prompt(e.prompt, p) for p in PHRASINGS for e, _ in items]
         texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label)
@@ -118,7 +123,8 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
 
 
 def print_robustness(res: dict) -> None:
-    print(f"{res.get('n')} held-out PubMedQA questions, decision accuracy per instruction "
+    print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
+          f"accuracy per instruction "
           f"phrasing (majority baseline {res.get('majority_baseline', 0):.3f})")
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
