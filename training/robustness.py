@@ -96,9 +96,10 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
     from .tasks import generate_texts, models_to_compare
 
     check_disjoint()
-    out: dict = {"dataset": ("pubmedqa-heldout" if split == "eval" else "pubmedqa-val")
+    held = split == "eval"  # val = the hashed validation slice of the other pmids: no file
+    out: dict = {"dataset": ("pubmedqa-heldout" if held else "pubmedqa-val")
                  + " (RAFT prompts: gold + distractors)", "split": split,
-                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
+                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt" if held else None,
                  "phrasings": {p: instruction_of(p) for p in PHRASINGS},
                  "max_new_tokens": max_new_tokens, "n_sources": cfg.n_sources,
                  "prompt": prompt_fingerprint(), "models": {}}
@@ -124,8 +125,8 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
 
 def print_robustness(res: dict) -> None:
     print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
-          f"accuracy per instruction "
-          f"phrasing (majority baseline {res.get('majority_baseline', 0):.3f})")
+          f"accuracy per instruction phrasing (majority baseline "
+          f"{res.get('majority_baseline', 0):.3f})")
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
     for label, m in res["models"].items():
