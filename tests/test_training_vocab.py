@@ -409,3 +409,57 @@ def test_ignored_added_targets_leave_only_old_token_loss():
         assert not torch.allclose(model(**plain).loss, nll[keep].mean(), atol=1e-3)
     with pytest.raises(ValueError, match="train or ignore"):
         PretrainConfig(new_token_targets="skip")
+
+
+def test_per_term_attribution_adds_up_to_the_new_and_after_shares():
+    """token_attribution.per_term: each added term's occurrences, the new model's nats on it
+    and the token after it against the old model's nats on the same characters; summed over
+    terms they are exactly attribute()'s "new" + "after" shares, on both sides."""
+    from transformers import AutoTokenizer
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.pretrain import added_token_ids
+    from training.token_attribution import attribute, per_term
+
+    tok, model = _tiny_untied_llama()
+    old_tok = AutoTokenizer.from_pretrained(ensure_base_checkpoint())
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    texts = [" In glomerulonephritis the kidney fails, and pheochromocytoma raises blood "
+             "pressure.", " Then glomerulonephritis glomerulonephritis again."]
+    added = set(added_token_ids(tok))
+    rows = per_term((model, old_tok), (model, tok), texts, added)
+    g, p = tok.convert_tokens_to_ids([" glomerulonephritis", " pheochromocytoma"])
+    assert set(rows) == {g, p} and rows[g]["n"] == 3 and rows[p]["n"] == 1
+    shares = attribute((model, old_tok), (model, tok), texts, added)
+    for side, i in (("old", 0), ("new", 1)):
+        total = sum(r[side] for r in rows.values())
+        assert total == pytest.approx(shares["new"][i] + shares["after"][i], abs=0.2)
+
+
+def test_keep_terms_keeps_only_listed_mined_terms_and_refuses_unmined_words(tmp_path):
+    from training.vocab import keep_only, read_words
+
+    terms = [{"term": " insulin", "word": "insulin"}, {"term": " glucagon", "word": "glucagon"},
+             {"term": " ketosis", "word": "ketosis"}]
+    f = tmp_path / "keep.txt"
+    f.write_text("# gaining terms\nketosis\n\ninsulin\n")
+    assert [t["word"] for t in keep_only(terms, read_words(str(f)))] == ["insulin", "ketosis"]
+    with pytest.raises(ValueError, match="did not select.*aspirin"):
+        keep_only(terms, ["insulin", "aspirin"])
+    with pytest.raises(ValueError, match="no such file"):
+        read_words(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="lists no words"):
+        read_words(str(tmp_path / "empty.txt"))
+
+
+def test_vocab_run_with_keep_terms_adds_only_the_listed_terms(vocab_run, tmp_path):
+    cfg, res, _ = vocab_run
+    words = [res["terms"][1]["word"], res["terms"][3]["word"]]
+    (tmp_path / "keep.txt").write_text("\n".join(words) + "\n")
+    kept = run(load_config(VocabConfig, "vocab-tiny.yaml",
+                           ["name=vocab-tiny-kept", f"keep_terms={tmp_path / 'keep.txt'}"]),
+               output=str(tmp_path / "run"))
+    assert [t["word"] for t in kept["terms"]] == words
+    assert [a["term"] for a in kept["added"]] == [res["terms"][i]["term"] for i in (1, 3)]
+    assert kept["manifest"]["config"]["keep_terms"] == str(tmp_path / "keep.txt")

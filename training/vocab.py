@@ -47,6 +47,7 @@ class VocabConfig(TrainConfig):
     general_eval_blocks: int = 16
     eval_batch_size: int = 4
     mlm_probability: float = 0.15
+    keep_terms: str = ""  # file of words (one per line): keep only these of the top_n mined
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,6 +110,31 @@ def mine_terms(tokenizer, domain_texts, general_texts, top_n: int, min_pieces: i
             if len(out) >= top_n:
                 break
     return out
+
+
+def read_words(path: str) -> list[str]:
+    """The words of a keep_terms file: one per line; blank lines and '#' comments skipped."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"keep_terms={path!r}: no such file")
+    words = [w.strip() for w in p.read_text(encoding="utf-8").splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise ValueError(f"keep_terms={path!r} lists no words")
+    return words
+
+
+def keep_only(terms: list[dict], words: list[str]) -> list[dict]:
+    """The mined terms whose word is listed, in mined order; a listed word that was not mined
+    (other settings or corpus) is an error rather than a silent no-op."""
+    listed = set(words)
+    missing = sorted(listed - {t["word"] for t in terms})
+    if missing:
+        raise ValueError(f"keep_terms lists {len(missing)} word(s) the mining did not select "
+                         f"(mine with the same settings and top_n): {missing[:10]}")
+    return [t for t in terms if t["word"] in listed]
 
 
 def add_terms(model, tokenizer, terms: list[str]) -> list[dict]:
@@ -192,6 +218,8 @@ def run(cfg: VocabConfig, output: str | None = None, progress_file: str | None =
         if not terms:
             raise ValueError("no domain term qualifies: lower min_count / min_ratio / "
                              "min_pieces, or mine more documents (max_docs)")
+        if cfg.keep_terms:
+            terms = keep_only(terms, read_words(cfg.keep_terms))
         texts = {"domain-heldout": [d.text for d in held_docs],
                  "general": [d.text for d in gen_held]}
         limits = {"domain-heldout": cfg.eval_blocks, "general": cfg.general_eval_blocks}
