@@ -173,8 +173,38 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
     assert "base" in text and "tuned" in text
     if what == "qa-gold":
         assert "majority baseline" in text and res["models"]["base"]["majority_label"] == "yes"
+        for m in res["models"].values():
+            assert all(isinstance(r["yes_no_logodds"], float) for r in m["rows"])
     else:
         assert all(len(r["summary"].split()) <= 4 for r in res["models"]["tuned"]["rows"])
+    assert res["split"] == "eval" and res["split_file"].startswith("rag_app/splits/")
+
+
+@pytest.mark.parametrize("what", ["summarize", "qa-gold"])
+def test_eval_commands_on_the_validation_slice(tiny_runs, tmp_path, what):
+    """--split val scores the training side's validation slice (to choose settings on),
+    disjoint from the held-out fold; --split train is refused."""
+    from rag_app.cli import main
+
+    out = {s: tmp_path / f"{what}-{s}.json" for s in ("val", "eval")}
+    for s, f in out.items():
+        assert main(["eval", what, "--model", "base", "--split", s, "--limit", "2",
+                     "--max-new-tokens", "2", "--batch-size", "2", "--out", str(f)]) == 0
+    val, ev = (json.loads(out[s].read_text()) for s in ("val", "eval"))
+    assert val["split"] == "val" and val["split_file"] is None and "val" in val["dataset"]
+    ids = [{r["id"] for r in res["models"]["base"]["rows"]} for res in (val, ev)]
+    assert ids[0] and not ids[0] & ids[1]
+    with pytest.raises(SystemExit):
+        main(["eval", what, "--model", "base", "--split", "train"])
+
+
+def test_decision_auc_measures_separation_of_yes_from_no():
+    from training.qa import decision_auc
+
+    assert decision_auc([2.0, 1.0, -1.0, -2.0], ["yes", "yes", "no", "no"]) == 1.0
+    assert decision_auc([2.0, 1.0, -1.0, -2.0], ["no", "no", "yes", "yes"]) == 0.0
+    assert decision_auc([1.0, 1.0, 3.0, 0.0], ["yes", "no", "yes", "no"]) == 0.875
+    assert decision_auc([1.0, 2.0], ["yes", "maybe"]) is None
 
 
 def test_cli_ui_recipes_and_errors():

@@ -148,10 +148,9 @@ def add_eval_parsers(esub) -> None:
                        help="prompt settings taken from this recipe")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--out", help="write JSON here (+ a .png plot)")
-        if what == "robustness":
-            s.add_argument("--split", choices=("val", "eval"), default="eval",
-                           help="eval = the held-out fold (report); val = the training side's "
-                                "validation questions (choose settings here)")
+        s.add_argument("--split", choices=("val", "eval"), default="eval",
+                       help="eval = the held-out fold (report); val = the training side's "
+                            "validation slice (choose settings here)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -358,9 +357,8 @@ def run_eval(args) -> int:
         mod = importlib.import_module(f"training.{GENERATOR_EVALS[args.what][0]}")
         cls, fn, plot = (getattr(mod, n) for n in GENERATOR_EVALS[args.what][1:])
         cfg = load_config(cls, args.recipe, args.set)
-        extra = {"split": args.split} if args.what == "robustness" else {}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
-                           args.max_new_tokens, args.batch_size, **extra), plot)
+                           args.max_new_tokens, args.batch_size, split=args.split), plot)
         return 0
     if args.what == "choose-weight":
         from .relevance import choose_weight, print_weight_choice

@@ -111,20 +111,57 @@ def qa_metrics(answers: list[str], decisions: list[str], long_answers: list[str]
             "mean_words": mean(rows, "words"), "predicted": dict(Counter(preds))}
 
 
+def decision_logodds(model, tok, prompts: list[str]) -> list[float]:
+    """log P("Yes") - log P("No") of each prompt's first answer token (the decision the QA
+    target starts with), one forward pass per prompt."""
+    import torch
+
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        out.append(float(logits[yes] - logits[no]))
+    return out
+
+
+def decision_auc(logodds: list[float], decisions: list[str]) -> float | None:
+    """How well the yes-vs-no log-odds separate the "yes" questions from the "no" ones (ROC
+    AUC; 0.5 = the decision does not depend on the evidence); None without both classes."""
+    pos = [s for s, d in zip(logodds, decisions) if d == "yes"]
+    neg = [s for s, d in zip(logodds, decisions) if d == "no"]
+    if not pos or not neg:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
 def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens: int = 96,
-                 batch_size: int = 8) -> dict:
-    """Greedy answers of each model on the held-out PubMedQA fold with its gold abstracts."""
+                 batch_size: int = 8, split: str = "eval") -> dict:
+    """Greedy answers of each model on the held-out PubMedQA fold (split "eval"; "val": the
+    training side's validation slice, to choose settings on) with the gold abstracts, and
+    the yes-vs-no AUC of its first-token log-odds."""
+    from .tasks import check_eval_split, generate_texts, models_to_compare
+
+    check_eval_split(split)
+    held = split == "eval"
     majority = majority_label(cfg)
-    out: dict = {"dataset": "pubmedqa-heldout (gold contexts)",
-                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt",
+    out: dict = {"dataset": f"pubmedqa-{'heldout' if held else 'val'} (gold contexts)",
+                 "split": split,
+                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt" if held else None,
                  "max_new_tokens": max_new_tokens, "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("qa",)), "models": {}}
-    for label, name, items, answers in held_out_outputs(
-            refs, lambda tok: build_examples(cfg, tok, "eval"), limit, max_new_tokens,
-            batch_size):
-        m = qa_metrics(answers, [e.label for e in items], [e.reference for e in items],
-                       majority) | {"model": name}
-        m["rows"] = [{"id": e.id, "gold": e.label, "answer": a} for e, a in zip(items, answers)]
+    for label, name, model, tok in models_to_compare(refs):
+        items = build_examples(cfg, tok, split)
+        items = items[:limit] if limit else items
+        prompts = [e.prompt for e in items]
+        answers = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label)
+        logodds = decision_logodds(model, tok, prompts)
+        gold = [e.label for e in items]
+        m = qa_metrics(answers, gold, [e.reference for e in items], majority) | {
+            "model": name, "decision_auc": decision_auc(logodds, gold)}
+        m["rows"] = [{"id": e.id, "gold": e.label, "yes_no_logodds": round(x, 3), "answer": a}
+                     for e, a, x in zip(items, answers, logodds)]
         out["models"][label] = m
         out["n"] = len(items)
     print_qa_gold(out)
@@ -133,12 +170,18 @@ def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens:
 
 def print_qa_gold(res: dict) -> None:
     first = next(iter(res["models"].values()), None)
-    print(f"{res.get('n')} held-out PubMedQA questions with their gold abstracts (greedy, "
-          f"max_new_tokens {res['max_new_tokens']})")
-    print(f"{'model':28s} {'acc':>6s} {'macroF1':>8s} {'ROUGE-L':>8s} {'words':>6s}  predicted")
+    from .tasks import split_words
+
+    print(f"{res.get('n')} {split_words(res, 'PubMedQA')} questions with their gold abstracts "
+          f"(greedy, max_new_tokens {res['max_new_tokens']}); AUC: how well the first token's "
+          f"yes-vs-no log-odds separate yes from no questions (0.5 = not at all)")
+    print(f"{'model':28s} {'acc':>6s} {'macroF1':>8s} {'ROUGE-L':>8s} {'words':>6s} "
+          f"{'AUC':>6s}  predicted")
     for label, m in res["models"].items():
+        auc = m.get("decision_auc")
         print(f"{label:28s} {m['accuracy']:6.3f} {m['macro_f1']:8.3f} {m['rouge_l']:8.4f} "
-              f"{m['mean_words']:6.1f}  {m['predicted']}")
+              f"{m['mean_words']:6.1f} {'-' if auc is None else f'{auc:.3f}':>6s}  "
+              f"{m['predicted']}")
     if first:
         print(f"{'majority baseline':28s} {first['majority_baseline']:6.3f}  "
               f"(always {first['majority_label']!r}, the training side's majority)")
@@ -147,7 +190,10 @@ def print_qa_gold(res: dict) -> None:
 def plot_qa_gold(result: dict, path: str) -> None:
     from rag_app.ui_admin import grouped_bars
 
+    from .tasks import split_words
+
     fig = grouped_bars(result["models"], ["accuracy", "majority_baseline", "macro_f1",
-                                          "rouge_l"],
-                       f"PubMedQA held-out, gold contexts (n={result.get('n')})")
+                                          "rouge_l", "decision_auc"],
+                       f"{split_words(result, 'PubMedQA')}, gold contexts "
+                       f"(n={result.get('n')})")
     fig.savefig(path, dpi=100)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
-                    prompt_fingerprint, render_prompt, run_task, take)
+from .tasks import (TaskConfig, TaskExample, check_eval_split, held_out_outputs, is_val,
+                    make_example, mean, prompt_fingerprint, render_prompt, run_task,
+                    split_words, take)
 
 SOURCES = ("meqsum", "mediqa-question", "mediqa-answer")
 SPLITS = ("train", "val", "eval")
@@ -131,14 +132,18 @@ def summary_metrics(preds: list[str], refs: list[str]) -> dict:
 
 
 def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
-                   max_new_tokens: int = 48, batch_size: int = 8) -> dict:
-    """Greedy summaries of the held-out MeQSum questions by each model, ROUGE vs the experts'."""
-    out: dict = {"dataset": "meqsum-heldout", "split_file": "rag_app/splits/"
-                 "meqsum_heldout_files.txt", "max_new_tokens": max_new_tokens,
+                   max_new_tokens: int = 48, batch_size: int = 8, split: str = "eval") -> dict:
+    """Greedy summaries of the held-out MeQSum questions (split "eval"; "val": the training
+    side's validation slice, to choose settings on) by each model, ROUGE vs the experts'."""
+    check_eval_split(split)
+    held = split == "eval"
+    out: dict = {"dataset": "meqsum-heldout" if held else "meqsum-val", "split": split,
+                 "split_file": "rag_app/splits/meqsum_heldout_files.txt" if held else None,
+                 "max_new_tokens": max_new_tokens,
                  "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
     for label, name, items, preds in held_out_outputs(
-            refs, lambda tok: build_examples(cfg, tok, "eval"), limit, max_new_tokens,
+            refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
             batch_size):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
@@ -150,7 +155,7 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
 
 
 def print_summarize(res: dict) -> None:
-    print(f"summaries of {res.get('n')} held-out MeQSum questions (greedy, "
+    print(f"summaries of {res.get('n')} {split_words(res, 'MeQSum')} questions (greedy, "
           f"max_new_tokens {res['max_new_tokens']})")
     print(f"{'model':28s} {'ROUGE-1':>8s} {'ROUGE-2':>8s} {'ROUGE-L':>8s} {'words':>6s}")
     for label, m in res["models"].items():
@@ -165,5 +170,5 @@ def plot_summarize(result: dict, path: str) -> None:
     from rag_app.ui_admin import grouped_bars
 
     fig = grouped_bars(result["models"], ["rouge1", "rouge2", "rougeL"],
-                       f"MeQSum held-out summaries (n={result.get('n')})")
+                       f"{split_words(result, 'MeQSum')} summaries (n={result.get('n')})")
     fig.savefig(path, dpi=100)

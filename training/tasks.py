@@ -219,5 +219,16 @@ def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, ba
                                                  max_new_tokens, batch_size, desc=label)
 
 
+def check_eval_split(split: str) -> None:
+    if split not in ("val", "eval"):
+        raise ValueError(f"split={split!r} is invalid: evaluate on val (to choose settings) or "
+                         f"eval (the held-out fold), never on train")
+
+
+def split_words(result: dict, dataset: str) -> str:
+    """"held-out MeQSum" or "MeQSum validation", from an evaluation result's split."""
+    return f"{dataset} validation" if result.get("split") == "val" else f"held-out {dataset}"
+
+
 def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
