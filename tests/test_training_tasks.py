@@ -5,6 +5,7 @@ the held-out splits are stable and never trained on; training and evaluation ren
 prompt for the same row; the metrics are right on hand-made strings; `rag eval summarize` and
 `rag eval qa-gold` run end to end (2 rows, 4 new tokens) and save JSON + PNG."""
 import json
+from collections import Counter
 
 import pytest
 
@@ -231,3 +232,19 @@ def test_cli_ui_recipes_and_errors():
     with pytest.raises(ValueError, match="no --model"):
         from training.tasks import models_to_compare
         next(models_to_compare([]))
+
+
+def test_balanced_labels_repeat_minority_rows_to_the_majority_count():
+    from training.qa import balanced
+
+    rows = pubmedqa_rows("train")
+    counts = Counter(r["decision"] for r in rows)
+    out = balanced(rows, 0)
+    top = max(counts.values())
+    assert Counter(r["decision"] for r in out) == {d: top for d in counts}
+    ids = Counter(r["id"] for r in out)
+    assert set(ids) == {r["id"] for r in rows}  # every row kept
+    for d, n in counts.items():  # repeats spread evenly: all rows once before any twice
+        reps = [ids[r["id"]] for r in rows if r["decision"] == d]
+        assert max(reps) - min(reps) <= 1 and sum(reps) == top
+    assert balanced(rows, 0) == out and balanced(rows, 1) != out

@@ -23,6 +23,7 @@ class QAConfig(TaskConfig):
     sources: str = "pubmedqa"  # the only QA source with gold contexts and long answers
     max_source_tokens: int = 256  # the abstract
     max_target_tokens: int = 64  # "Yes. <long answer>"
+    balance_labels: bool = False  # oversample "no"/"maybe" rows to the "yes" count (seeded)
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +54,21 @@ def pubmedqa_rows(split: str, val_fraction: float = 0.1) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
+def balanced(rows: list[dict], seed: int) -> list[dict]:
+    """Every decision as often as the most frequent one: each minority label's rows repeated
+    in turn (all of them before any twice) until its count matches, then a seeded shuffle --
+    so the loss no longer rewards answering the prior ("yes")."""
+    import random
+
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["decision"], []).append(r)
+    top = max((len(v) for v in by.values()), default=0)
+    out = [r for v in by.values() for r in (v * (top // len(v) + 1))[:top]]
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def qa_prompt(tokenizer, row: dict, max_source_tokens: int | None) -> str:
     """THE QA prompt of a row (training and `rag eval qa-gold` both use it)."""
     return render_prompt(tokenizer, "qa", row["context"], max_source_tokens,
@@ -67,6 +83,8 @@ def build_examples(cfg: QAConfig, tokenizer, split: str = "train") -> list[TaskE
     rows = pubmedqa_rows(split, cfg.val_fraction)
     if split == "train":
         rows = take(rows, cfg.n_examples, cfg.seed)
+        if cfg.balance_labels:
+            rows = balanced(rows, cfg.seed)
     out = []
     for r in rows:
         ex = make_example(tokenizer, cfg, r["id"], "pubmedqa",
