@@ -33,16 +33,21 @@ def token_nats(model, tokenizer, text: str, max_tokens: int = 400) -> tuple[list
     return ids[1:], enc["offset_mapping"][1:len(ids)], nats
 
 
+def both_scored(old, new, texts: list[str], max_tokens: int):
+    """Per text: (old offsets, old nats, new ids, new offsets, new nats, the last character
+    both models scored); texts either model scores nothing of are skipped."""
+    for text in texts:
+        _, oa, na = token_nats(*old, text, max_tokens)
+        ib, ob, nb = token_nats(*new, text, max_tokens)
+        if oa and ob:
+            yield oa, na, ib, ob, nb, min(oa[-1][1], ob[-1][1])
+
+
 def attribute(old, new, texts: list[str], added: set[int], max_tokens: int = 400) -> dict:
     """{category: [old model's nats, new model's nats]} over the characters both scored.
     `old`, `new`: (model, tokenizer); `added`: the added token ids of the new tokenizer."""
     tot = {c: [0.0, 0.0] for c in CATEGORIES}
-    for text in texts:
-        ia, oa, na = token_nats(*old, text, max_tokens)
-        ib, ob, nb = token_nats(*new, text, max_tokens)
-        if not oa or not ob:
-            continue
-        end = min(oa[-1][1], ob[-1][1])
+    for oa, na, ib, ob, nb, end in both_scored(old, new, texts, max_tokens):
         spans = [(s, e, "new" if t in added else "after" if j and ib[j - 1] in added
                   else "other") for j, (t, (s, e)) in enumerate(zip(ib, ob))]
         for (s, e, c), n in zip(spans, nb):
@@ -62,12 +67,7 @@ def per_term(old, new, texts: list[str], added: set[int], max_tokens: int = 400)
     is its own occurrence), against the old model's nats on the old tokens overlapping those
     characters (each old token counted once, for the first occurrence it overlaps)."""
     out: dict[int, dict] = {}
-    for text in texts:
-        ia, oa, na = token_nats(*old, text, max_tokens)
-        ib, ob, nb = token_nats(*new, text, max_tokens)
-        if not oa or not ob:
-            continue
-        end = min(oa[-1][1], ob[-1][1])
+    for oa, na, ib, ob, nb, end in both_scored(old, new, texts, max_tokens):
         spans = []  # (term id, start, end)
         for j, t in enumerate(ib):
             if t not in added or ob[j][1] > end:
