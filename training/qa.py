@@ -159,22 +159,17 @@ def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens:
     """Greedy answers of each model on the held-out PubMedQA fold (split "eval"; "val": the
     training side's validation slice, to choose settings on) with the gold abstracts, and
     the yes-vs-no AUC of its first-token log-odds."""
-    from .tasks import check_eval_split, generate_texts, models_to_compare
+    from .tasks import split_fields
 
-    check_eval_split(split)
-    held = split == "eval"
     majority = majority_label(cfg)
-    out: dict = {"dataset": f"pubmedqa-{'heldout' if held else 'val'} (gold contexts)",
-                 "split": split,
-                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt" if held else None,
+    out: dict = {"dataset": f"pubmedqa-{'heldout' if split == 'eval' else 'val'} "
+                            f"(gold contexts)",
+                 **split_fields(split, "rag_app/splits/pubmedqa_heldout_pmids.txt"),
                  "max_new_tokens": max_new_tokens, "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("qa",)), "models": {}}
-    for label, name, model, tok in models_to_compare(refs):
-        items = build_examples(cfg, tok, split)
-        items = items[:limit] if limit else items
-        prompts = [e.prompt for e in items]
-        answers = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label)
-        logodds = decision_logodds(model, tok, prompts)
+    for label, name, items, answers, logodds in held_out_outputs(
+            refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
+            batch_size, score=decision_logodds):
         gold = [e.label for e in items]
         m = qa_metrics(answers, gold, [e.reference for e in items], majority) | {
             "model": name, "decision_auc": decision_auc(logodds, gold)}

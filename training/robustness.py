@@ -36,9 +36,10 @@ def robustness_items(cfg: InstructConfig, tokenizer, limit: int = 0,
     """(RAFT example, gold decision): one per PubMedQA question of `split` (the gold passage
     always present), sorted by id. "eval" is the held-out fold; "val" the training side's
     validation slice, where settings are chosen."""
-    if split not in ("val", "eval"):
-        raise ValueError(f"split={split!r} is invalid: choose val or eval (never train)")
     from .data import _pubmedqa_answers, instruction_examples, load_split
+    from .tasks import check_eval_split
+
+    check_eval_split(split)
 
     records = _pubmedqa_answers()
     n_q = sum(q.qid in records for q in load_split(split, ("pubmedqa",)).queries)
@@ -93,13 +94,12 @@ def spread(per_phrasing: dict) -> float:
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
                     batch_size: int = 8, split: str = "eval") -> dict:
     from .instruct import prompt_fingerprint
-    from .tasks import generate_texts, models_to_compare
+    from .tasks import generate_texts, models_to_compare, split_fields
 
     check_disjoint()
-    held = split == "eval"  # val = the hashed validation slice of the other pmids: no file
-    out: dict = {"dataset": ("pubmedqa-heldout" if held else "pubmedqa-val")
-                 + " (RAFT prompts: gold + distractors)", "split": split,
-                 "split_file": "rag_app/splits/pubmedqa_heldout_pmids.txt" if held else None,
+    out: dict = {"dataset": ("pubmedqa-heldout" if split == "eval" else "pubmedqa-val")
+                 + " (RAFT prompts: gold + distractors)",
+                 **split_fields(split, "rag_app/splits/pubmedqa_heldout_pmids.txt"),
                  "phrasings": {p: instruction_of(p) for p in PHRASINGS},
                  "max_new_tokens": max_new_tokens, "n_sources": cfg.n_sources,
                  "prompt": prompt_fingerprint(), "models": {}}

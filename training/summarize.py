@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import (TaskConfig, TaskExample, check_eval_split, held_out_outputs, is_val,
-                    make_example, mean, prompt_fingerprint, render_prompt, run_task,
-                    split_words, take)
+from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
+                    prompt_fingerprint, render_prompt, run_task, split_fields, split_words,
+                    take)
 
 SOURCES = ("meqsum", "mediqa-question", "mediqa-answer")
 SPLITS = ("train", "val", "eval")
@@ -135,14 +135,12 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
                    max_new_tokens: int = 48, batch_size: int = 8, split: str = "eval") -> dict:
     """Greedy summaries of the held-out MeQSum questions (split "eval"; "val": the training
     side's validation slice, to choose settings on) by each model, ROUGE vs the experts'."""
-    check_eval_split(split)
-    held = split == "eval"
-    out: dict = {"dataset": "meqsum-heldout" if held else "meqsum-val", "split": split,
-                 "split_file": "rag_app/splits/meqsum_heldout_files.txt" if held else None,
+    out: dict = {"dataset": "meqsum-heldout" if split == "eval" else "meqsum-val",
+                 **split_fields(split, "rag_app/splits/meqsum_heldout_files.txt"),
                  "max_new_tokens": max_new_tokens,
                  "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
-    for label, name, items, preds in held_out_outputs(
+    for label, name, items, preds, _ in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
             batch_size):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}

@@ -208,21 +208,31 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
-def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int):
-    """Yield (label, display name, items, greedy texts) per `--model` ref: items =
+def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
+                     score=None):
+    """Yield (label, display name, items, greedy texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
-    `limit` of them (0 = all)."""
+    `limit` of them (0 = all); scores = score(model, tokenizer, prompts) (None without one)."""
     for label, name, model, tok in models_to_compare(refs):
         items = build(tok)
         items = items[:limit] if limit else items
-        yield label, name, items, generate_texts(model, tok, [e.prompt for e in items],
-                                                 max_new_tokens, batch_size, desc=label)
+        prompts = [e.prompt for e in items]
+        yield label, name, items, generate_texts(model, tok, prompts, max_new_tokens,
+                                                 batch_size, desc=label), \
+            score(model, tok, prompts) if score else None
 
 
 def check_eval_split(split: str) -> None:
     if split not in ("val", "eval"):
         raise ValueError(f"split={split!r} is invalid: evaluate on val (to choose settings) or "
                          f"eval (the held-out fold), never on train")
+
+
+def split_fields(split: str, held_out_file: str) -> dict:
+    """An evaluation result's split entries: the held-out fold names its file; the validation
+    slice is a hashed slice of the training side, with no file."""
+    check_eval_split(split)
+    return {"split": split, "split_file": held_out_file if split == "eval" else None}
 
 
 def split_words(result: dict, dataset: str) -> str:
