@@ -248,3 +248,23 @@ def test_balanced_labels_repeat_minority_rows_to_the_majority_count():
         reps = [ids[r["id"]] for r in rows if r["decision"] == d]
         assert max(reps) - min(reps) <= 1 and sum(reps) == top
     assert balanced(rows, 0) == out and balanced(rows, 1) != out
+
+
+def test_conclusion_share_adds_bare_decision_reading_examples(tokenizer):
+    from training.qa import build_examples
+
+    cfg = load_config(QAConfig, "qa.yaml", ["conclusion_share=0.5"])
+    rows = {r["id"]: r for r in pubmedqa_rows("train")}
+    plain = build_examples(load_config(QAConfig, "qa.yaml"), tokenizer)
+    out = build_examples(cfg, tokenizer)
+    extra = [e for e in out if e.id.endswith(":conclusion")]
+    assert len(extra) == round(0.5 * len(rows)) and len(out) == len(plain) + len(extra)
+    for e in extra:  # the row's own conclusion as the context, the bare decision as target
+        r = rows[e.id.split(":")[0]]
+        assert e.prompt == qa_prompt(tokenizer, {**r, "context": r["long_answer"]},
+                                     cfg.max_source_tokens)
+        assert e.target == f"{r['decision'].capitalize()}." and e.label == r["decision"]
+    assert sorted(e.id for e in out if e not in extra) == sorted(e.id for e in plain)
+    assert not any(e.id.endswith(":conclusion") for e in build_examples(cfg, tokenizer, "val"))
+    with pytest.raises(ValueError, match="conclusion_share"):
+        load_config(QAConfig, "qa.yaml", ["conclusion_share=1.5"])

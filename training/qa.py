@@ -9,6 +9,7 @@ never trained on; val = a fixed hashed slice of the other pmids; train = the res
 """
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,11 +25,16 @@ class QAConfig(TaskConfig):
     max_source_tokens: int = 256  # the abstract
     max_target_tokens: int = 64  # "Yes. <long answer>"
     balance_labels: bool = False  # oversample "no"/"maybe" rows to the "yes" count (seeded)
+    # this share of the training questions also gets a reading example: its own conclusion
+    # (the long answer, PubMedQA's "reasoning-free" context) -> the bare decision
+    conclusion_share: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.source_list != ("pubmedqa",):
             raise ValueError(f"sources={self.sources!r} is invalid for qa: use pubmedqa")
+        if not 0.0 <= self.conclusion_share <= 1.0:
+            raise ValueError(f"conclusion_share={self.conclusion_share} must be in [0, 1]")
 
 
 def pubmedqa_rows(split: str, val_fraction: float = 0.1) -> list[dict]:
@@ -58,8 +64,6 @@ def balanced(rows: list[dict], seed: int) -> list[dict]:
     """Every decision as often as the most frequent one: each minority label's rows repeated
     in turn (all of them before any twice) until its count matches, then a seeded shuffle --
     so the loss no longer rewards answering the prior ("yes")."""
-    import random
-
     by: dict[str, list] = {}
     for r in rows:
         by.setdefault(r["decision"], []).append(r)
@@ -79,16 +83,30 @@ def qa_target(row: dict) -> str:
     return f"{row['decision'].capitalize()}. {row['long_answer']}"
 
 
+def conclusion_rows(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """Reading examples for a seeded `share` of the rows: the question with the row's own
+    conclusion (its long answer) as the context, and the bare decision as the target. The
+    decision is one token of a ~64-token target, so the abstract examples mostly train the
+    long answer; these put the whole loss on the decision, read from text that states it."""
+    picked = random.Random(seed).sample(rows, round(share * len(rows)))
+    return [{**r, "id": f"{r['id']}:conclusion", "context": r["long_answer"], "bare": True}
+            for r in picked]
+
+
 def build_examples(cfg: QAConfig, tokenizer, split: str = "train") -> list[TaskExample]:
     rows = pubmedqa_rows(split, cfg.val_fraction)
     if split == "train":
         rows = take(rows, cfg.n_examples, cfg.seed)
         if cfg.balance_labels:
             rows = balanced(rows, cfg.seed)
+        if cfg.conclusion_share:
+            rows = rows + conclusion_rows(rows, cfg.conclusion_share, cfg.seed)
+            random.Random(cfg.seed).shuffle(rows)
     out = []
     for r in rows:
+        target = f"{r['decision'].capitalize()}." if r.get("bare") else qa_target(r)
         ex = make_example(tokenizer, cfg, r["id"], "pubmedqa",
-                          qa_prompt(tokenizer, r, cfg.max_source_tokens), qa_target(r),
+                          qa_prompt(tokenizer, r, cfg.max_source_tokens), target,
                           label=r["decision"])
         ex.reference = r["long_answer"]  # ROUGE-L is scored against the long answer
         out.append(ex)
