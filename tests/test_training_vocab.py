@@ -463,3 +463,27 @@ def test_vocab_run_with_keep_terms_adds_only_the_listed_terms(vocab_run, tmp_pat
     assert [t["word"] for t in kept["terms"]] == words
     assert [a["term"] for a in kept["added"]] == [res["terms"][i]["term"] for i in (1, 3)]
     assert kept["manifest"]["config"]["keep_terms"] == str(tmp_path / "keep.txt")
+
+
+def test_seed_compare_pairs_each_seed_and_judges_on_the_mean(tmp_path, capsys):
+    from training.seed_compare import main
+
+    def result(seed, base, cand):
+        p = tmp_path / f"s{seed}.json"
+        p.write_text(json.dumps({"text": "domain-heldout", "chars": 0, "doc_chars": 300,
+                                 "models": {f"none-s{seed}": {"domain-heldout": {
+                                     "bits_per_char": base}}, f"gain-s{seed}": {
+                                     "domain-heldout": {"bits_per_char": cand}}}}))
+        return str(p)
+
+    files = [result(1, 0.90, 0.88), result(2, 0.88, 0.89), result(3, 0.89, 0.88)]
+    out = main(files + ["--out", str(tmp_path / "cmp.json")])
+    assert [r["base"] for r in out["seeds"]] == ["none-s1", "none-s2", "none-s3"]
+    assert out["mean_diff"] == pytest.approx((-0.02 + 0.01 - 0.01) / 3)
+    assert out["cand_mean"] == pytest.approx(0.8833333) and out["cand_not_worse"] == 2
+    assert json.loads((tmp_path / "cmp.json").read_text())["n_seeds"] == 3
+    assert "not worse at 2 of 3 seeds" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"text": "t", "models": {"a": {"t": {"bits_per_char": 1}}}}))
+    with pytest.raises(ValueError, match="exactly 2 models"):
+        main([str(bad)])
