@@ -487,3 +487,40 @@ def test_seed_compare_pairs_each_seed_and_judges_on_the_mean(tmp_path, capsys):
     bad.write_text(json.dumps({"text": "t", "models": {"a": {"t": {"bits_per_char": 1}}}}))
     with pytest.raises(ValueError, match="exactly 2 models"):
         main([str(bad)])
+
+
+def test_rows_only_run_moves_only_the_added_rows_of_an_adapted_base(vocab_run, tmp_path):
+    """`full_stage=false`: the row stage is the whole run, so the saved model equals its base
+    (here the vocab-tiny model) everywhere but the added tokens' rows; refused where nothing
+    would train."""
+    from transformers import AutoModelForCausalLM
+
+    from training.pretrain import PretrainConfig
+    from training.pretrain import run as run_pretrain
+
+    _, res, _ = vocab_run
+    base = res["entry"]["path"]
+    cfg = load_config(PretrainConfig, "pretrain-tiny.yaml", [
+        f"base_model={base}", "lora=false", "full_stage=false", "new_token_steps=2",
+        "new_token_window=16", "new_token_pool=400", "new_token_lr=1e-2", "name=rows-tiny"])
+    out = run_pretrain(cfg, output=str(tmp_path / "run"))
+    assert out["manifest"]["data"]["full_stage"] is False
+    assert out["manifest"]["data"]["new_token_stage"]["steps"] == 2
+    before = dict(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+                  .named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(out["entry"]["path"], dtype=torch.float32)
+                 .named_parameters())
+    new = [a["id"] for a in res["added"]]
+    for name, p in after.items():
+        if "embed_tokens" in name:
+            keep = [i for i in range(p.shape[0]) if i not in set(new)]
+            assert torch.equal(p[keep], before[name][keep])
+            assert not torch.equal(p[new], before[name][new])
+        else:
+            assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="full_stage=false"):
+        PretrainConfig(full_stage=False, new_token_steps=0)
+    with pytest.raises(ValueError, match="no added tokens"):
+        run_pretrain(load_config(PretrainConfig, "pretrain-tiny.yaml", [
+            "lora=false", "full_stage=false", "new_token_steps=2", "name=rows-none"]),
+            output=str(tmp_path / "none"))

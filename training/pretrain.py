@@ -91,6 +91,11 @@ class PretrainConfig(TrainConfig):
     # token; ignore = label -100 there (causal LMs), so the body and old rows learn only from
     # predicting old tokens and the added rows only from being read as context
     new_token_targets: str = "train"
+    # false: the row stage is the whole run (no full run): a base that is already adapted to
+    # the domain (e.g. `rag train pretrain` without new tokens, then `rag train vocab
+    # --set base_model=THAT`) gets the new tokens with every old weight unchanged, so it is
+    # compared with that base on the new rows alone
+    full_stage: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,6 +120,10 @@ class PretrainConfig(TrainConfig):
                              "the frozen rows)")
         if self.regularizer != "none" and self.importance_blocks < 1:
             raise ValueError("importance_blocks must be >= 1 with a regularizer")
+        if not self.full_stage and (self.new_token_steps < 1 or self.lora or
+                                    self.regularizer != "none"):
+            raise ValueError("full_stage=false trains only the added rows: it needs "
+                             "new_token_steps >= 1, no LoRA and no regularizer")
 
 
 def resolve_start(model: str, objective: str = "auto") -> str:
@@ -525,6 +534,9 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                 if cfg.new_token_pool > len(train_blocks) else train_blocks
             warm = warm_new_tokens(model, tok, objective, pool, cfg, progress) | {
                 "pool_blocks": len(pool)}
+        if not cfg.full_stage and not warm["steps"] and not last:
+            raise ValueError(f"full_stage=false but {start} has no added tokens (or none "
+                             "occurs in the training pool): nothing would train")
         if cfg.lora:
             set_seed(cfg.seed)
             model = apply_lora(model, cfg, objective)
@@ -541,11 +553,13 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         manifest.metrics_before = before
         manifest.data["new_token_stage"] = warm
         manifest.data["untied_embeddings"] = untied
+        manifest.data["full_stage"] = cfg.full_stage
         trainer = make_trainer(cfg, model, tok, objective, train_blocks, out, progress, penalty)
         hooks = freeze_rows(model, added_token_ids(tok)) if cfg.new_token_freeze else []
         manifest.data["new_token_stage"]["frozen_in_full_run"] = bool(hooks)
         try:
-            trainer.train(resume_from_checkpoint=last)
+            if cfg.full_stage:
+                trainer.train(resume_from_checkpoint=last)
         finally:
             for h in hooks:
                 h.remove()
