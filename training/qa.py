@@ -80,7 +80,10 @@ def qa_prompt(tokenizer, row: dict, max_source_tokens: int | None) -> str:
 
 
 def qa_target(row: dict) -> str:
-    return f"{row['decision'].capitalize()}. {row['long_answer']}"
+    """"Yes./No./Maybe." then the long answer; the decision alone for a bare row (the
+    reading examples of conclusion_rows)."""
+    decision = f"{row['decision'].capitalize()}."
+    return decision if row.get("bare") else f"{decision} {row['long_answer']}"
 
 
 def conclusion_rows(rows: list[dict], share: float, seed: int) -> list[dict]:
@@ -104,9 +107,8 @@ def build_examples(cfg: QAConfig, tokenizer, split: str = "train") -> list[TaskE
             random.Random(cfg.seed).shuffle(rows)
     out = []
     for r in rows:
-        target = f"{r['decision'].capitalize()}." if r.get("bare") else qa_target(r)
         ex = make_example(tokenizer, cfg, r["id"], "pubmedqa",
-                          qa_prompt(tokenizer, r, cfg.max_source_tokens), target,
+                          qa_prompt(tokenizer, r, cfg.max_source_tokens), qa_target(r),
                           label=r["decision"])
         ex.reference = r["long_answer"]  # ROUGE-L is scored against the long answer
         out.append(ex)
