@@ -524,3 +524,24 @@ def test_rows_only_run_moves_only_the_added_rows_of_an_adapted_base(vocab_run, t
         run_pretrain(load_config(PretrainConfig, "pretrain-tiny.yaml", [
             "lora=false", "full_stage=false", "new_token_steps=2", "name=rows-none"]),
             output=str(tmp_path / "none"))
+
+
+def test_added_mass_is_the_added_rows_share_where_an_old_token_comes_next():
+    from training.pretrain import added_token_ids
+    from training.token_attribution import added_mass
+
+    tok, model = _tiny_untied_llama()
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    added = set(added_token_ids(tok))
+    text = " In glomerulonephritis the kidney fails, as in pheochromocytoma."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    want = [float(p[i, sorted(added)].sum()) for i in range(len(ids) - 1)
+            if ids[i + 1] not in added]
+    m = added_mass(model, tok, [text, "x"], added)  # "x": one token, nothing to predict
+    assert m["positions"] == len(want) == len(ids) - 1 - 2
+    assert m["mean_added_mass"] == pytest.approx(sum(want) / len(want), rel=1e-5)
+    with torch.no_grad():  # louder added output rows take more of the probability
+        model.get_output_embeddings().weight[sorted(added)] *= 50
+    assert added_mass(model, tok, [text], added)["mean_added_mass"] > m["mean_added_mass"]

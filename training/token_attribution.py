@@ -4,7 +4,7 @@ tokenisation: the added tokens themselves ("new"), the token right after one ("a
 rest ("other"). A token of the old tokenisation counts where it overlaps such a span.
 
     python -m training.token_attribution OLD NEW [--docs 40] [--chars 1500]
-        [--per-term --keep-out FILE]
+        [--per-term --keep-out FILE] [--added-mass]
         (OLD, NEW: registered base names or paths; texts: the train side's validation slice,
         never the held-out side)
 
@@ -87,6 +87,26 @@ def per_term(old, new, texts: list[str], added: set[int], max_tokens: int = 400)
     return out
 
 
+def added_mass(model, tokenizer, texts: list[str], added: set[int],
+               max_tokens: int = 400) -> dict:
+    """The mean probability the model puts on the added tokens where the next token is an old
+    one (what the added rows take from the old vocabulary: -log(1 - mass) nats each), over
+    the positions counted."""
+    import torch
+
+    cols, tot, n = sorted(added), 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            continue
+        with torch.inference_mode():
+            p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+        old = torch.tensor([t not in added for t in ids[1:]])
+        tot += float(p[:, cols].sum(-1)[old].sum())
+        n += int(old.sum())
+    return {"mean_added_mass": tot / n if n else 0.0, "positions": n}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old")
@@ -100,6 +120,9 @@ def main(argv=None) -> dict:
                          "--chars characters)")
     ap.add_argument("--keep-out", help="--per-term: write the gaining terms here")
     ap.add_argument("--out", help="--per-term: the per-term table as JSON")
+    ap.add_argument("--added-mass", action="store_true",
+                    help="also print NEW's mean probability on the added tokens where an old "
+                         "token comes next")
     a = ap.parse_args(argv)
     from .lm_eval import load_lm, resolve_lm
     from .lmdata import text_split, train_val_split
@@ -118,6 +141,11 @@ def main(argv=None) -> dict:
     print(f"nats on {len(texts)} domain-val documents ({a.chars} chars each), old vs new:")
     for c, (x, y) in res.items():
         print(f"  {c:6s} {x:10.1f} {y:10.1f}  ({y - x:+.1f})")
+    if a.added_mass:
+        m = added_mass(*new, texts, added)
+        print(f"new model: mean probability on the added tokens where an old token comes next "
+              f"{m['mean_added_mass']:.4f} ({m['positions']} positions)")
+        res = res | {"added_mass": m}
     print(json.dumps(res))
     return res
 
