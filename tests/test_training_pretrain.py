@@ -121,3 +121,22 @@ def test_mlm_minilm_full_si_new_tied_head_resume_and_eval_cli(tmp_path):
         res3["after"]["general"]["nll"], abs=1e-4)
     assert got["minilm"]["general"]["new_mlm_head"] is True
     assert out.with_suffix(".png").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Two seeds launched together once shared runs/pretrain-<second> (and would have shared
+    its checkpoints); each run now gets a folder of its own, and --output is kept as given."""
+    import time
+
+    from training import common
+
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-221833")
+    a, b, c = (common.run_dir("pretrain", None) for _ in range(3))
+    assert len({a, b, c}) == 3 and all(p.is_dir() for p in (a, b, c))
+    assert [p.name for p in (a, b, c)] == ["pretrain-20261204-221833",
+                                           "pretrain-20261204-221833-2",
+                                           "pretrain-20261204-221833-3"]
+    given = tmp_path / "mine"
+    assert common.run_dir("pretrain", str(given)) == given == common.run_dir("pretrain",
+                                                                            str(given))

@@ -256,9 +256,22 @@ def _jsonable(d: dict) -> dict:
 
 # ---------- runs, checkpoints, registry ----------
 def run_dir(training_type: str, output: str | None) -> Path:
-    path = Path(output) if output else RUNS_DIR / f"{training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """`output`, or a new folder runs/TYPE-YYYYmmdd-HHMMSS[-N] of its own: two runs started in
+    the same second (say, two seeds launched together) never share one."""
+    if output:
+        path = Path(output)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stem = RUNS_DIR / f"{training_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder next to {stem}")
 
 
 def resume_checkpoint(output: Path, resume: bool) -> str | None:
