@@ -545,3 +545,85 @@ def test_added_mass_is_the_added_rows_share_where_an_old_token_comes_next():
     with torch.no_grad():  # louder added output rows take more of the probability
         model.get_output_embeddings().weight[sorted(added)] *= 50
     assert added_mass(model, tok, [text], added)["mean_added_mass"] > m["mean_added_mass"]
+
+
+def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_running_text():
+    """training/calibrate.py: with the rows made to over-predict the added tokens, the convex
+    fit on running text lowers its next-token loss and the added mass where an old token comes
+    next; only the added tokens' OUTPUT rows change (input rows, old rows, body identical);
+    the closed-form loss equals the model's own."""
+    from training.calibrate import calibrate, natural_blocks, nll, position_features
+    from training.pretrain import added_token_ids
+
+    tok, model = _tiny_untied_llama()
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    added = added_token_ids(tok)
+    texts = [" In glomerulonephritis the kidney fails, as it may in pheochromocytoma.",
+             " The kidney filters the blood and the heart pumps it round the body.",
+             " Blood pressure rises with pheochromocytoma; the kidney may fail too."] * 4
+    blocks = natural_blocks(texts, tok, 16, 10_000, seed=0)
+    assert sum(len(b) for b in blocks) == sum(
+        len(tok(t)["input_ids"]) + 1 for t in texts) + (len(blocks) - len(texts))
+    h = position_features(model, blocks, added)["h"].mean(0)
+    with torch.no_grad():  # added rows that score high wherever the text goes on
+        model.get_output_embeddings().weight[added] = 30 * h / h.dot(h)
+    f = position_features(model, blocks, added)
+    W0 = model.get_output_embeddings().weight[added].detach().clone()
+    x = torch.tensor(blocks[0])[None]
+    with torch.no_grad():
+        own = float(model(input_ids=x, labels=x).loss)
+    n0 = len(blocks[0]) - 1
+    assert float(nll(W0, f, torch.arange(len(f["h"])) < n0)) == pytest.approx(own, rel=1e-4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = calibrate(model, tok, blocks, l2_grid=(1e-3, 1e-1))
+    assert info["untied"] is False and info["added_tokens"] == 2
+    assert info["added_targets"] == 12 and info["positions"] == len(f["h"])
+    assert info["nll_after"] < info["nll_before"]
+    assert info["added_mass_before"] > 0.5 > info["added_mass_after"]
+    old = [i for i in range(len(tok)) if i not in added]
+    for name, p in model.named_parameters():
+        if "lm_head" in name:
+            assert torch.equal(p[old], before[name][old])
+            assert not torch.equal(p[added], before[name][added])
+        else:
+            assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="no added tokens"):
+        calibrate(_tiny_untied_llama()[1], _tiny_untied_llama()[0], blocks)
+
+
+def test_calibration_only_run_unties_and_moves_only_the_added_output_rows(vocab_run, tmp_path):
+    """`full_stage=false new_token_steps=0 calibrate_tokens=N` on the (tied) vocab-tiny base:
+    the saved model is untied; its input embeddings and body equal the base's, its output rows
+    equal the base's shared matrix except at the added tokens; the manifest has the fit."""
+    from transformers import AutoModelForCausalLM
+
+    from training.pretrain import PretrainConfig
+    from training.pretrain import run as run_pretrain
+
+    _, res, _ = vocab_run
+    base = res["entry"]["path"]
+    cfg = load_config(PretrainConfig, "pretrain-tiny.yaml", [
+        f"base_model={base}", "lora=false", "full_stage=false", "new_token_steps=0",
+        "calibrate_tokens=3000", "name=cal-tiny"])
+    out = run_pretrain(cfg, output=str(tmp_path / "run"))
+    cal = out["manifest"]["data"]["calibration"]
+    assert cal["untied"] is True and cal["positions"] >= 3000 - cal["blocks"]
+    assert cal["nll_after"] <= cal["nll_before"]
+    b = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    a = AutoModelForCausalLM.from_pretrained(out["entry"]["path"], dtype=torch.float32)
+    assert b.config.tie_word_embeddings and not a.config.tie_word_embeddings
+    new = [x["id"] for x in res["added"]]
+    keep = [i for i in range(len(out["tokenizer"])) if i not in set(new)]
+    emb = b.get_input_embeddings().weight
+    head = a.get_output_embeddings().weight
+    assert torch.equal(head[keep], emb[keep]) and not torch.equal(head[new], emb[new])
+    before = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        if "lm_head" not in name:
+            assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="lora: false"):
+        PretrainConfig(calibrate_tokens=100, lora=True)
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        run_pretrain(load_config(PretrainConfig, "pretrain-tiny.yaml", [
+            "lora=false", "calibrate_tokens=100", "max_steps=1", "name=cal-none"]),
+            output=str(tmp_path / "none"))

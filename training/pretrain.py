@@ -96,6 +96,13 @@ class PretrainConfig(TrainConfig):
     # --set base_model=THAT`) gets the new tokens with every old weight unchanged, so it is
     # compared with that base on the new rows alone
     full_stage: bool = True
+    # after the run: fit ONLY the added tokens' output rows on this many tokens of running
+    # text from the training pool (whole documents, in a seeded order), every other weight
+    # and the input rows unchanged -- a convex fit (training/calibrate.py) that stops the
+    # rows predicting the new tokens where an old one comes next. Unties tied embeddings.
+    # 0 = no calibration. With full_stage=false and new_token_steps 0 the calibration is the
+    # whole run (on a base whose rows were already trained)
+    calibrate_tokens: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,10 +127,16 @@ class PretrainConfig(TrainConfig):
                              "the frozen rows)")
         if self.regularizer != "none" and self.importance_blocks < 1:
             raise ValueError("importance_blocks must be >= 1 with a regularizer")
-        if not self.full_stage and (self.new_token_steps < 1 or self.lora or
-                                    self.regularizer != "none"):
+        if self.calibrate_tokens < 0 or (self.calibrate_tokens and self.objective == "mlm"):
+            raise ValueError("calibrate_tokens must be >= 0, and is for causal LMs only")
+        if self.calibrate_tokens and self.lora:
+            raise ValueError("calibrate_tokens needs lora: false (the added rows are "
+                             "embedding rows, which LoRA leaves frozen)")
+        if not self.full_stage and ((self.new_token_steps < 1 and not self.calibrate_tokens)
+                                    or self.lora or self.regularizer != "none"):
             raise ValueError("full_stage=false trains only the added rows: it needs "
-                             "new_token_steps >= 1, no LoRA and no regularizer")
+                             "new_token_steps >= 1 or calibrate_tokens > 0, no LoRA and no "
+                             "regularizer")
 
 
 def resolve_start(model: str, objective: str = "auto") -> str:
@@ -430,6 +443,12 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
             "loss_last": losses[-1] if losses else None}
 
 
+def _bar(desc: str, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block")
+
+
 def untie_embeddings(model) -> bool:
     """Make the output embedding matrix a separate copy of the tied input one (config
     tie_word_embeddings=False, so it saves and reloads untied). False if already untied."""
@@ -534,9 +553,12 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                 if cfg.new_token_pool > len(train_blocks) else train_blocks
             warm = warm_new_tokens(model, tok, objective, pool, cfg, progress) | {
                 "pool_blocks": len(pool)}
-        if not cfg.full_stage and not warm["steps"] and not last:
+        if not cfg.full_stage and not (warm["steps"] or cfg.calibrate_tokens) and not last:
             raise ValueError(f"full_stage=false but {start} has no added tokens (or none "
                              "occurs in the training pool): nothing would train")
+        if cfg.calibrate_tokens and not added_token_ids(tok):
+            raise ValueError(f"calibrate_tokens={cfg.calibrate_tokens} but {start} has no "
+                             "added tokens (rag train vocab adds them): nothing to calibrate")
         if cfg.lora:
             set_seed(cfg.seed)
             model = apply_lora(model, cfg, objective)
@@ -564,6 +586,21 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
             for h in hooks:
                 h.remove()
         final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        if cfg.calibrate_tokens:
+            from .calibrate import calibrate, natural_blocks
+
+            cal_blocks = natural_blocks([d.text for d in pool_docs], tok, cfg.block_size,
+                                        cfg.calibrate_tokens, cfg.seed)
+            bar = _bar("calibrating added output rows", len(cal_blocks))
+            manifest.data["calibration"] = calibrate(
+                final, tok, cal_blocks, seed=cfg.seed,
+                progress=lambda i, n: bar.update(i - bar.n)) | {
+                "blocks": len(cal_blocks), "text": "training pool, whole documents"}
+            bar.close()
+            manifest.data["untied_embeddings"] = True
+            progress.emit("eval", trainer.state.global_step, cfg.max_steps,
+                          metrics={"calibration_" + k: manifest.data["calibration"][k]
+                                   for k in ("added_mass_before", "added_mass_after")})
         after = measure(final, tok, objective, evals, cfg)
         penalties = [r["penalty"] for r in trainer.state.log_history if "penalty" in r]
         manifest.metrics_after = after | {
