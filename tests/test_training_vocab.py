@@ -589,6 +589,20 @@ def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_runn
             assert torch.equal(p, before[name]), name
     with pytest.raises(ValueError, match="no added tokens"):
         calibrate(_tiny_untied_llama()[1], _tiny_untied_llama()[0], blocks)
+    # pieces=True: the old pieces' output rows are fitted too, and nothing else moves
+    from training.pretrain import old_pieces
+
+    pieces = sorted({q for ps in old_pieces(tok, added).values() for q in ps})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = calibrate(model, tok, blocks, l2_grid=(1e-3,), pieces=True)
+    assert info["pieces_fitted"] == len(pieces) >= 4 and info["nll_after"] <= info["nll_before"]
+    rest = [i for i in range(len(tok)) if i not in set(added) | set(pieces)]
+    for name, p in model.named_parameters():
+        if "lm_head" in name:
+            assert torch.equal(p[rest], before[name][rest])
+            assert not torch.equal(p[pieces], before[name][pieces])
+        else:
+            assert torch.equal(p, before[name]), name
 
 
 def test_calibration_only_run_unties_and_moves_only_the_added_output_rows(vocab_run, tmp_path):

@@ -113,24 +113,33 @@ def fit_rows(W0, f: dict, l2: float, rows=None, max_iter: int = 100):
 
 
 def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
-              holdout: float = 0.1, max_iter: int = 100, seed: int = 0, progress=None) -> dict:
+              holdout: float = 0.1, max_iter: int = 100, seed: int = 0, progress=None,
+              pieces: bool = False) -> dict:
     """Fit the added tokens' output rows of `model` (in place; untied first if tied) on the
     positions of `blocks`. l2 from `l2_grid` by the loss on a held-back share `holdout` of the
     blocks (fitted on the rest); then refitted on all. Returns the figures for the manifest:
     the loss before/after on the held-back share and on all, the added probability mass where
-    an old token comes next before/after, the chosen l2, positions and added-token targets."""
+    an old token comes next before/after, the chosen l2, positions and added-token targets.
+    `pieces`: also fit the output rows of the old tokens the added ones were written with
+    before (`pretrain.old_pieces`): with an added token the old first piece no longer covers
+    that word, and the continuation piece cannot follow it any more (the new tokenisation
+    never writes it so), which rows fitted on running text can learn; other rows unchanged."""
     import random
 
     import torch
 
-    from .pretrain import added_token_ids, untie_embeddings
+    from .pretrain import added_token_ids, old_pieces, untie_embeddings
 
     added = added_token_ids(tokenizer)
     if not added:
         raise ValueError("the model has no added tokens (rag train vocab adds them): nothing "
                          "to calibrate")
+    piece_ids = sorted({p for ps in old_pieces(tokenizer, added).values() for p in ps}
+                       - set(added)) if pieces else []
+    fitted = added + piece_ids  # the added tokens first: W[:k] are theirs
+    k = len(added)
     untied = untie_embeddings(model)
-    f = position_features(model, blocks, added, progress=progress)
+    f = position_features(model, blocks, fitted, progress=progress)
     n_blocks = len(blocks)
     order = list(range(n_blocks))
     random.Random(seed).shuffle(order)
@@ -139,13 +148,12 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
     owner = torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(lengths))
     is_back = torch.tensor([int(o) in back for o in owner.tolist()], dtype=torch.bool)
     head = model.get_output_embeddings().weight
-    W0 = head.data[added].float().clone()
+    W0 = head.data[fitted].float().clone()
 
     def mass(W, rows):
         z = f["h"][rows] @ W.T
-        lse_add = torch.logsumexp(z, -1)
-        p = torch.exp(lse_add - torch.logaddexp(f["lse_old"][rows], lse_add))
-        old = f["target_added"][rows] < 0
+        p = torch.softmax(torch.cat([f["lse_old"][rows, None], z], -1), -1)[:, 1:k + 1].sum(-1)
+        old = (f["target_added"][rows] < 0) | (f["target_added"][rows] >= k)
         return float(p[old].mean()) if bool(old.any()) else 0.0
 
     fit_rows_mask, back_rows = ~is_back, is_back
@@ -162,7 +170,8 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
     with torch.no_grad():
         every = torch.ones_like(is_back)
         info = {"positions": int(every.sum()),
-                "added_targets": int((f["target_added"] >= 0).sum()),
+                "added_targets": int(((f["target_added"] >= 0) &
+                                      (f["target_added"] < k)).sum()),
                 "held_back_positions": int(back_rows.sum()),
                 "l2": l2, "l2_scores_held_back": {str(k): v for k, v in scores.items()},
                 "held_back_nll_before": float(nll(W0, f, back_rows)) if back else None,
@@ -170,8 +179,9 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
                 "nll_before": float(nll(W0, f)), "nll_after": float(nll(W, f)),
                 "added_mass_before": mass(W0, every), "added_mass_after": mass(W, every),
                 "untied": untied, "added_tokens": len(added),
+                "pieces_fitted": len(piece_ids),
                 "row_shift_rms": float(((W - W0) ** 2).mean().sqrt())}
-        head.data[added] = W.to(head.dtype)
+        head.data[fitted] = W.to(head.dtype)
     for k in ("nll_before", "nll_after", "held_back_nll_before", "held_back_nll_chosen"):
         if info[k] is not None and not math.isfinite(info[k]):
             raise ValueError(f"calibration diverged ({k}={info[k]})")

@@ -103,6 +103,10 @@ class PretrainConfig(TrainConfig):
     # 0 = no calibration. With full_stage=false and new_token_steps 0 the calibration is the
     # whole run (on a base whose rows were already trained)
     calibrate_tokens: int = 0
+    # with calibrate_tokens: also fit the output rows of the old pieces the added tokens were
+    # written with (an old first piece no longer covers the added word, and its continuation
+    # can no longer follow it); those old rows then change too
+    calibrate_pieces: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -593,7 +597,7 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                                         cfg.calibrate_tokens, cfg.seed)
             bar = _bar("calibrating added output rows", len(cal_blocks))
             manifest.data["calibration"] = calibrate(
-                final, tok, cal_blocks, seed=cfg.seed,
+                final, tok, cal_blocks, seed=cfg.seed, pieces=cfg.calibrate_pieces,
                 progress=lambda i, n: bar.update(i - bar.n)) | {
                 "blocks": len(cal_blocks), "text": "training pool, whole documents"}
             bar.close()
