@@ -510,14 +510,7 @@ def test_rows_only_run_moves_only_the_added_rows_of_an_adapted_base(vocab_run, t
                   .named_parameters())
     after = dict(AutoModelForCausalLM.from_pretrained(out["entry"]["path"], dtype=torch.float32)
                  .named_parameters())
-    new = [a["id"] for a in res["added"]]
-    for name, p in after.items():
-        if "embed_tokens" in name:
-            keep = [i for i in range(p.shape[0]) if i not in set(new)]
-            assert torch.equal(p[keep], before[name][keep])
-            assert not torch.equal(p[new], before[name][new])
-        else:
-            assert torch.equal(p, before[name]), name
+    _only_rows_moved(after, before, [a["id"] for a in res["added"]], "embed_tokens")
     with pytest.raises(ValueError, match="full_stage=false"):
         PretrainConfig(full_stage=False, new_token_steps=0)
     with pytest.raises(ValueError, match="no added tokens"):
@@ -580,13 +573,7 @@ def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_runn
     assert info["added_targets"] == 12 and info["positions"] == len(f["h"])
     assert info["nll_after"] < info["nll_before"]
     assert info["added_mass_before"] > 0.5 > info["added_mass_after"]
-    old = [i for i in range(len(tok)) if i not in added]
-    for name, p in model.named_parameters():
-        if "lm_head" in name:
-            assert torch.equal(p[old], before[name][old])
-            assert not torch.equal(p[added], before[name][added])
-        else:
-            assert torch.equal(p, before[name]), name
+    _only_rows_moved(dict(model.named_parameters()), before, added)
     with pytest.raises(ValueError, match="no added tokens"):
         calibrate(_tiny_untied_llama()[1], _tiny_untied_llama()[0], blocks)
     # pieces=True: the old pieces' output rows are fitted too, and nothing else moves
@@ -596,11 +583,16 @@ def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_runn
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     info = calibrate(model, tok, blocks, l2_grid=(1e-3,), pieces=True)
     assert info["pieces_fitted"] == len(pieces) >= 4 and info["nll_after"] <= info["nll_before"]
-    rest = [i for i in range(len(tok)) if i not in set(added) | set(pieces)]
-    for name, p in model.named_parameters():
-        if "lm_head" in name:
+    _only_rows_moved(dict(model.named_parameters()), before, added + pieces)
+
+
+def _only_rows_moved(params: dict, before: dict, rows: list[int], matrix: str = "lm_head"):
+    """Of all weights (name -> tensor), only rows `rows` of `matrix` differ from `before`."""
+    for name, p in params.items():
+        if matrix in name:
+            rest = [i for i in range(p.shape[0]) if i not in set(rows)]
             assert torch.equal(p[rest], before[name][rest])
-            assert not torch.equal(p[pieces], before[name][pieces])
+            assert not torch.equal(p[rows], before[name][rows])
         else:
             assert torch.equal(p, before[name]), name
 
