@@ -181,7 +181,18 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
     for m in res["models"].values():
         assert len(m["phrasings"]) == 6 and all(len(v["rows"]) == 2
                                                 for v in m["phrasings"].values())
-    assert out.with_suffix(".png").is_file() and "spread" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.with_suffix(".png").is_file() and "spread" in printed
+    yes = next(ln for ln in printed.splitlines() if ln.startswith("  share yes")).split()[2:]
+    assert [float(v) for v in yes] == pytest.approx(
+        [res["models"]["base"]["phrasings"][p]["yes_share"] for p in res["models"]["base"][
+            "phrasings"]], abs=5e-4)
+    import subprocess
+    import sys
+
+    again = subprocess.run([sys.executable, "-m", "training.robustness", str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    assert again.strip() and again.strip() in printed
     cur = tmp_path / "curves.json"
     assert main(["eval", "curves", "--model", "a=instruct-tiny", "--out", str(cur)]) == 0
     c = json.loads(cur.read_text())["models"]["a"]

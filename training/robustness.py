@@ -8,6 +8,8 @@ phrasing: yes/no/maybe accuracy of the stated decision, the share of answers tha
 their first sentence, and the share of "yes". The spread is max - min accuracy over the 5
 unseen phrasings.
 
+`python -m training.robustness RESULT.json` prints a saved result's table again.
+
 `rag eval curves` (also here) puts the training-loss curves of registered runs on one plot:
 random vs curriculum sampling at equal steps, with the final train / eval losses.
 """
@@ -135,8 +137,11 @@ def print_robustness(res: dict) -> None:
         yes = sum(per[p]["yes_share"] for p in PHRASINGS) / len(PHRASINGS)
         print(f"{label:24s} " + " ".join(f"{per[p]['accuracy']:9.3f}" for p in PHRASINGS)
               + f" {m['spread']:7.3f} {stated:7.3f} {yes:6.3f}")
+        print(f"{'  share yes':24s} " + " ".join(f"{per[p]['yes_share']:9.3f}"
+                                                 for p in PHRASINGS))
     print("spread = max - min accuracy over the 5 unseen phrasings; stated / yes = mean share "
-          "of answers whose first sentence states a decision / that decide yes")
+          "of answers whose first sentence states a decision / that decide yes; 'share yes' "
+          "per phrasing (a decision that follows the wording swings here)")
 
 
 def plot_robustness(result: dict, path: str) -> None:
@@ -222,3 +227,13 @@ def plot_curves(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m training.robustness RESULT.json: print a saved result
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m training.robustness RESULT.json (written by rag eval "
+                 "robustness --out)")
+    print_robustness(json.loads(open(sys.argv[1]).read()))
