@@ -597,7 +597,8 @@ def _only_rows_moved(params: dict, before: dict, rows: list[int], matrix: str = 
             assert torch.equal(p, before[name]), name
 
 
-def test_calibration_only_run_unties_and_moves_only_the_added_output_rows(vocab_run, tmp_path):
+def test_calibration_only_run_unties_and_moves_only_the_added_output_rows(vocab_run, tmp_path,
+                                                                        capsys):
     """`full_stage=false new_token_steps=0 calibrate_tokens=N` on the (tied) vocab-tiny base:
     the saved model is untied; its input embeddings and body equal the base's, its output rows
     equal the base's shared matrix except at the added tokens; the manifest has the fit."""
@@ -613,6 +614,8 @@ def test_calibration_only_run_unties_and_moves_only_the_added_output_rows(vocab_
         "calibrate_tokens=3000", "name=cal-tiny"])
     out = run_pretrain(cfg, output=str(tmp_path / "run"))
     cal = out["manifest"]["data"]["calibration"]
+    assert f"added mass where an old token comes next {cal['added_mass_before']:.4f} -> " \
+        f"{cal['added_mass_after']:.4f}" in capsys.readouterr().out
     assert cal["untied"] is True and cal["positions"] >= 3000 - cal["blocks"]
     assert cal["nll_after"] <= cal["nll_before"]
     b = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

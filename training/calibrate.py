@@ -11,7 +11,9 @@ are computed once, then L-BFGS minimises
 
     mean over positions of  logaddexp(lse_old(h), lse(W h)) - target logit  +  l2 ||W - W0||^2
 
-(W0: the rows as they came). The model is untied first when its input and output embeddings
+(W0: the rows as they came). With `pieces` the output rows of the old pieces the added tokens
+were written with are fitted as well (W then holds those rows too; still convex). The model
+is untied first when its input and output embeddings
 are one matrix (SmolLM2), so the input rows -- what the following text reads -- stay as they
 were. `l2` is picked from a grid by the loss on a held-back tenth of the same text; the
 evaluation splits are never read.
@@ -136,8 +138,8 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
                          "to calibrate")
     piece_ids = sorted({p for ps in old_pieces(tokenizer, added).values() for p in ps}
                        - set(added)) if pieces else []
-    fitted = added + piece_ids  # the added tokens first: W[:k] are theirs
-    k = len(added)
+    fitted = added + piece_ids  # the added tokens first: W[:n_added] are theirs
+    n_added = len(added)
     untied = untie_embeddings(model)
     f = position_features(model, blocks, fitted, progress=progress)
     n_blocks = len(blocks)
@@ -152,8 +154,8 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
 
     def mass(W, rows):
         z = f["h"][rows] @ W.T
-        p = torch.softmax(torch.cat([f["lse_old"][rows, None], z], -1), -1)[:, 1:k + 1].sum(-1)
-        old = (f["target_added"][rows] < 0) | (f["target_added"][rows] >= k)
+        p = torch.softmax(torch.cat([f["lse_old"][rows, None], z], -1), -1)[:, 1:n_added + 1].sum(-1)
+        old = (f["target_added"][rows] < 0) | (f["target_added"][rows] >= n_added)
         return float(p[old].mean()) if bool(old.any()) else 0.0
 
     fit_rows_mask, back_rows = ~is_back, is_back
@@ -171,9 +173,9 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
         every = torch.ones_like(is_back)
         info = {"positions": int(every.sum()),
                 "added_targets": int(((f["target_added"] >= 0) &
-                                      (f["target_added"] < k)).sum()),
+                                      (f["target_added"] < n_added)).sum()),
                 "held_back_positions": int(back_rows.sum()),
-                "l2": l2, "l2_scores_held_back": {str(k): v for k, v in scores.items()},
+                "l2": l2, "l2_scores_held_back": {str(a): v for a, v in scores.items()},
                 "held_back_nll_before": float(nll(W0, f, back_rows)) if back else None,
                 "held_back_nll_chosen": scores.get(l2),
                 "nll_before": float(nll(W0, f)), "nll_after": float(nll(W, f)),

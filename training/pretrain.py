@@ -560,6 +560,8 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
         if not cfg.full_stage and not (warm["steps"] or cfg.calibrate_tokens) and not last:
             raise ValueError(f"full_stage=false but {start} has no added tokens (or none "
                              "occurs in the training pool): nothing would train")
+        if cfg.calibrate_tokens and objective != "clm":
+            raise ValueError(f"calibrate_tokens is for causal LMs; {start} trains as {objective}")
         if cfg.calibrate_tokens and not added_token_ids(tok):
             raise ValueError(f"calibrate_tokens={cfg.calibrate_tokens} but {start} has no "
                              "added tokens (rag train vocab adds them): nothing to calibrate")
@@ -601,6 +603,15 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                 progress=lambda i, n: bar.update(i - bar.n)) | {
                 "blocks": len(cal_blocks), "text": "training pool, whole documents"}
             bar.close()
+            c = manifest.data["calibration"] | {k: float("nan") for k in (
+                "held_back_nll_before", "held_back_nll_chosen")
+                if manifest.data["calibration"][k] is None}  # one block: nothing held back
+            print(f"calibration: {c['added_tokens']} added output rows"
+                  + (f" + {c['pieces_fitted']} old pieces'" if c["pieces_fitted"] else "")
+                  + f" fitted on {c['positions']} positions (l2 {c['l2']}): held-back next-token"
+                  f" loss {c['held_back_nll_before']:.4f} -> {c['held_back_nll_chosen']:.4f}; "
+                  f"added mass where an old token comes next {c['added_mass_before']:.4f} -> "
+                  f"{c['added_mass_after']:.4f}")
             manifest.data["untied_embeddings"] = True
             progress.emit("eval", trainer.state.global_step, cfg.max_steps,
                           metrics={"calibration_" + k: manifest.data["calibration"][k]
