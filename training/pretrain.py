@@ -5,8 +5,10 @@ Read top to bottom: config -> starting model (causal LM: the packaged SmolLM2 by
 BERT-like encoder -> masked LM, with a NEW head tied to the word embeddings when the checkpoint
 has none, e.g. the packaged MiniLM) -> domain documents split BY DOCUMENT, packed into blocks
 (training/lmdata.py) -> perplexity before on held-out domain and general text -> importance on
-general-domain text (ewc | si) -> transformers.Trainer (PenaltyTrainer adds the penalty), full or
-LoRA -> perplexity after -> lm_eval.json + .png in the run folder -> a full checkpoint (LoRA
+general-domain text (ewc | si) -> [a model with tokens added by `rag train vocab`: their rows
+trained alone first, new_token_steps] -> transformers.Trainer (PenaltyTrainer adds the penalty),
+full or LoRA -> [the added tokens' output rows fitted on running text, calibrate_tokens:
+training/calibrate.py] -> perplexity after -> lm_eval.json + .png in the run folder -> a full checkpoint (LoRA
 merged in) + tokenizer saved and registered as kind "base" with its lineage, which `rag train
 instruct --base-model NAME` (or `rag train pretrain`) can start from.
 
