@@ -588,9 +588,10 @@ def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_runn
 
 def _only_rows_moved(params: dict, before: dict, rows: list[int], matrix: str = "lm_head"):
     """Of all weights (name -> tensor), only rows `rows` of `matrix` differ from `before`."""
+    moved = set(rows)
     for name, p in params.items():
         if matrix in name:
-            rest = [i for i in range(p.shape[0]) if i not in set(rows)]
+            rest = [i for i in range(p.shape[0]) if i not in moved]
             assert torch.equal(p[rest], before[name][rest])
             assert not torch.equal(p[rows], before[name][rows])
         else:

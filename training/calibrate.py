@@ -145,20 +145,22 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
     n_blocks = len(blocks)
     order = list(range(n_blocks))
     random.Random(seed).shuffle(order)
-    back = set(order[:max(1, round(holdout * n_blocks))]) if n_blocks > 1 else set()
-    lengths = [max(len(b) - 1, 0) for b in blocks]
-    owner = torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(lengths))
-    is_back = torch.tensor([int(o) in back for o in owner.tolist()], dtype=torch.bool)
+    back = sorted(order[:max(1, round(holdout * n_blocks))]) if n_blocks > 1 else []
+    # each position's block (position_features keeps block order; 1-id blocks have none)
+    owner = torch.repeat_interleave(torch.arange(n_blocks),
+                                    torch.tensor([max(len(b) - 1, 0) for b in blocks]))
+    back_rows = torch.isin(owner, torch.tensor(back, dtype=torch.long))
+    fit_rows_mask = ~back_rows
     head = model.get_output_embeddings().weight
     W0 = head.data[fitted].float().clone()
 
     def mass(W, rows):
         z = f["h"][rows] @ W.T
-        p = torch.softmax(torch.cat([f["lse_old"][rows, None], z], -1), -1)[:, 1:n_added + 1].sum(-1)
+        p = torch.softmax(torch.cat([f["lse_old"][rows, None], z], -1), -1)
+        p = p[:, 1:n_added + 1].sum(-1)
         old = (f["target_added"][rows] < 0) | (f["target_added"][rows] >= n_added)
         return float(p[old].mean()) if bool(old.any()) else 0.0
 
-    fit_rows_mask, back_rows = ~is_back, is_back
     scores = {}
     if bool(back_rows.any()) and bool(fit_rows_mask.any()):
         for l2 in l2_grid:
@@ -170,8 +172,8 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
         l2 = l2_grid[len(l2_grid) // 2]
     W = fit_rows(W0, f, l2, None, max_iter)
     with torch.no_grad():
-        every = torch.ones_like(is_back)
-        info = {"positions": int(every.sum()),
+        every = torch.ones_like(back_rows)
+        info = {"positions": len(f["h"]),
                 "added_targets": int(((f["target_added"] >= 0) &
                                       (f["target_added"] < n_added)).sum()),
                 "held_back_positions": int(back_rows.sum()),
@@ -188,3 +190,16 @@ def calibrate(model, tokenizer, blocks: list, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
         if info[k] is not None and not math.isfinite(info[k]):
             raise ValueError(f"calibration diverged ({k}={info[k]})")
     return info
+
+
+def summary_line(info: dict) -> str:
+    """One printed line of `calibrate`'s figures."""
+    def nats(v):
+        return "n/a" if v is None else f"{v:.4f}"  # one block: nothing was held back
+
+    pieces = f" + {info['pieces_fitted']} old pieces'" if info["pieces_fitted"] else ""
+    return (f"calibration: {info['added_tokens']} added output rows{pieces} fitted on "
+            f"{info['positions']} positions (l2 {info['l2']}): held-back next-token loss "
+            f"{nats(info['held_back_nll_before'])} -> {nats(info['held_back_nll_chosen'])}; "
+            f"added mass where an old token comes next {info['added_mass_before']:.4f} -> "
+            f"{info['added_mass_after']:.4f}")

@@ -8,9 +8,9 @@ has none, e.g. the packaged MiniLM) -> domain documents split BY DOCUMENT, packe
 general-domain text (ewc | si) -> [a model with tokens added by `rag train vocab`: their rows
 trained alone first, new_token_steps] -> transformers.Trainer (PenaltyTrainer adds the penalty),
 full or LoRA -> [the added tokens' output rows fitted on running text, calibrate_tokens:
-training/calibrate.py] -> perplexity after -> lm_eval.json + .png in the run folder -> a full checkpoint (LoRA
-merged in) + tokenizer saved and registered as kind "base" with its lineage, which `rag train
-instruct --base-model NAME` (or `rag train pretrain`) can start from.
+training/calibrate.py] -> perplexity after -> lm_eval.json + .png in the run folder -> a full
+checkpoint (LoRA merged in) + tokenizer saved and registered as kind "base" with its lineage,
+which `rag train instruct --base-model NAME` (or `rag train pretrain`) can start from.
 
     rag train pretrain --recipe training/recipes/pretrain[-ewc|-si].yaml [--set k=v]
         [--output DIR] [--progress-file F] [--resume] [--name NAME]
@@ -449,12 +449,6 @@ def warm_new_tokens(model, tokenizer, objective: str, blocks: list, cfg: Pretrai
             "loss_last": losses[-1] if losses else None}
 
 
-def _bar(desc: str, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="block")
-
-
 def untie_embeddings(model) -> bool:
     """Make the output embedding matrix a separate copy of the tied input one (config
     tie_word_embeddings=False, so it saves and reloads untied). False if already untied."""
@@ -595,25 +589,19 @@ def run(cfg: PretrainConfig, output: str | None = None, progress_file: str | Non
                 h.remove()
         final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
         if cfg.calibrate_tokens:
-            from .calibrate import calibrate, natural_blocks
+            from tqdm.auto import tqdm
+
+            from .calibrate import calibrate, natural_blocks, summary_line
 
             cal_blocks = natural_blocks([d.text for d in pool_docs], tok, cfg.block_size,
                                         cfg.calibrate_tokens, cfg.seed)
-            bar = _bar("calibrating added output rows", len(cal_blocks))
+            bar = tqdm(total=len(cal_blocks), desc="calibrating added output rows", unit="block")
             manifest.data["calibration"] = calibrate(
                 final, tok, cal_blocks, seed=cfg.seed, pieces=cfg.calibrate_pieces,
                 progress=lambda i, n: bar.update(i - bar.n)) | {
                 "blocks": len(cal_blocks), "text": "training pool, whole documents"}
             bar.close()
-            c = manifest.data["calibration"] | {k: float("nan") for k in (
-                "held_back_nll_before", "held_back_nll_chosen")
-                if manifest.data["calibration"][k] is None}  # one block: nothing held back
-            print(f"calibration: {c['added_tokens']} added output rows"
-                  + (f" + {c['pieces_fitted']} old pieces'" if c["pieces_fitted"] else "")
-                  + f" fitted on {c['positions']} positions (l2 {c['l2']}): held-back next-token"
-                  f" loss {c['held_back_nll_before']:.4f} -> {c['held_back_nll_chosen']:.4f}; "
-                  f"added mass where an old token comes next {c['added_mass_before']:.4f} -> "
-                  f"{c['added_mass_after']:.4f}")
+            print(summary_line(manifest.data["calibration"]))
             manifest.data["untied_embeddings"] = True
             progress.emit("eval", trainer.state.global_step, cfg.max_steps,
                           metrics={"calibration_" + k: manifest.data["calibration"][k]

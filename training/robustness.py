@@ -232,8 +232,9 @@ def plot_curves(result: dict, path: str) -> None:
 if __name__ == "__main__":  # python -m training.robustness RESULT.json: print a saved result
     import json
     import sys
+    from pathlib import Path
 
     if len(sys.argv) != 2:
         sys.exit("usage: python -m training.robustness RESULT.json (written by rag eval "
                  "robustness --out)")
-    print_robustness(json.loads(open(sys.argv[1]).read()))
+    print_robustness(json.loads(Path(sys.argv[1]).read_text()))
