@@ -181,8 +181,12 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
     for m in res["models"].values():
         assert len(m["phrasings"]) == 6 and all(len(v["rows"]) == 2
                                                 for v in m["phrasings"].values())
+        assert all("decision_auc" in v and all(isinstance(r["yes_no_logodds"], float)
+                                               for r in v["rows"])
+                   for v in m["phrasings"].values())
     printed = capsys.readouterr().out
     assert out.with_suffix(".png").is_file() and "spread" in printed
+    assert "AUC yes-vs-no" in printed
     yes = next(ln for ln in printed.splitlines() if ln.startswith("  share yes")).split()[2:]
     assert [float(v) for v in yes] == pytest.approx(
         [res["models"]["base"]["phrasings"][p]["yes_share"] for p in res["models"]["base"][

@@ -268,3 +268,37 @@ def test_conclusion_share_adds_bare_decision_reading_examples(tokenizer):
     assert not any(e.id.endswith(":conclusion") for e in build_examples(cfg, tokenizer, "val"))
     with pytest.raises(ValueError, match="conclusion_share"):
         load_config(QAConfig, "qa.yaml", ["conclusion_share=1.5"])
+
+
+def test_first_step_logits_come_from_the_generation_pass(tokenizer):
+    """The decision log-odds are read from generate()'s own first step (no second forward
+    pass): under batching with left padding they equal a lone forward pass of each prompt,
+    and the answer is unchanged by asking for them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.policy import generate
+    from training.qa import decision_logodds
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+               for q in ("Is aspirin an anticoagulant? Answer yes or no.",
+                         "Does smoking raise the risk of lung cancer, according to decades of "
+                         "cohort studies? Answer yes or no.")]
+    first: list = []
+    ids = generate(model, tokenizer, prompts, 3, batch_size=2, first_logits=first)
+    assert ids == generate(model, tokenizer, prompts, 3, batch_size=2)
+    assert len(first) == 2
+    for p, row in zip(prompts, first):
+        x = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            alone = model(input_ids=x).logits[0, -1]
+        assert torch.allclose(row, alone, atol=1e-3)
+    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    assert decision_logodds(tokenizer, first) == pytest.approx(
+        [float(r[yes] - r[no]) for r in first])

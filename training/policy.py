@@ -67,9 +67,11 @@ def rl_prompts(tok, split: str, n: int, seed: int = 0, n_sources: int = 2,
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 4,
-             num_return_sequences: int = 1) -> list[list[int]]:
+             num_return_sequences: int = 1, first_logits: list | None = None) -> list[list[int]]:
     """Token ids of each answer, up to and including its EOS (padding removed),
-    `num_return_sequences` per prompt, in prompt order."""
+    `num_return_sequences` per prompt, in prompt order. A `first_logits` list receives each
+    answer's raw next-token logits at its first step (what the prompt alone predicts), from
+    the same pass, in the same order."""
     import torch
 
     out: list[list[int]] = []
@@ -82,7 +84,13 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
                       pad_token_id=tok.pad_token_id, num_return_sequences=num_return_sequences)
             if do_sample:
                 kw |= dict(temperature=temperature, top_p=top_p, top_k=0)
-            gen = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            if first_logits is not None:
+                kw |= dict(output_logits=True, return_dict_in_generate=True)
+            gen = model.generate(**enc, **kw)
+            if first_logits is not None:
+                first_logits.extend(gen.logits[0].float())
+                gen = gen.sequences
+            gen = gen[:, enc["input_ids"].shape[1]:]
             for row in gen.tolist():
                 ids = []
                 for t in row:

@@ -149,19 +149,11 @@ def qa_metrics(answers: list[str], decisions: list[str], long_answers: list[str]
             "mean_words": mean(rows, "words"), "predicted": dict(Counter(preds))}
 
 
-def decision_logodds(model, tok, prompts: list[str]) -> list[float]:
-    """log P("Yes") - log P("No") of each prompt's first answer token (the decision the QA
-    target starts with), one forward pass per prompt."""
-    import torch
-
+def decision_logodds(tok, first_logits: list) -> list[float]:
+    """logit("Yes") - logit("No") (= log P("Yes") - log P("No")) of each answer's first token,
+    the decision the QA target starts with, from the logits of the answer's own first step."""
     yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
-    out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0, -1].float()
-        out.append(float(logits[yes] - logits[no]))
-    return out
+    return [float(x[yes] - x[no]) for x in first_logits]
 
 
 def decision_auc(logodds: list[float], decisions: list[str]) -> float | None:

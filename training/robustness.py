@@ -5,7 +5,8 @@ The held-out PubMedQA fold (never trained on) is rendered as RAFT prompts by THE
 settings). Each prompt is asked once with the serving instruction (prompts.ANSWER_INSTRUCTION)
 and once with each of the 5 phrasings kept out of training (augment.EVAL_INSTRUCTIONS). Per
 phrasing: yes/no/maybe accuracy of the stated decision, the share of answers that state one in
-their first sentence, and the share of "yes". The spread is max - min accuracy over the 5
+their first sentence, the share of "yes", and the yes-vs-no AUC of the first answer token's
+log-odds (from the generation's own first step). The spread is max - min accuracy over the 5
 unseen phrasings.
 
 `python -m training.robustness RESULT.json` prints a saved result's table again.
@@ -96,6 +97,7 @@ def spread(per_phrasing: dict) -> float:
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
                     batch_size: int = 8, split: str = "eval") -> dict:
     from .instruct import prompt_fingerprint
+    from .qa import decision_auc, decision_logodds
     from .tasks import generate_texts, models_to_compare, split_fields
 
     check_disjoint()
@@ -109,13 +111,18 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
         items = robustness_items(cfg, tok, limit, split)
         golds = [g for _, g in items]
         prompts = [phrased_prompt(e.prompt, p) for p in PHRASINGS for e, _ in items]
-        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label)
+        first: list = []
+        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label,
+                               first_logits=first)
+        logodds = decision_logodds(tok, first)
         per = {}
         for k, p in enumerate(PHRASINGS):
-            answers = texts[k * len(items):(k + 1) * len(items)]
+            part = slice(k * len(items), (k + 1) * len(items))
+            answers = texts[part]
             per[p] = phrasing_metrics(answers, golds) | {
-                "rows": [{"id": e.group, "gold": g, "answer": a}
-                         for (e, g), a in zip(items, answers)]}
+                "decision_auc": decision_auc(logodds[part], golds),
+                "rows": [{"id": e.group, "gold": g, "answer": a, "yes_no_logodds": round(x, 3)}
+                         for (e, g), a, x in zip(items, answers, logodds[part])]}
         unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
         out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
                                 "unseen_mean_accuracy": sum(unseen) / len(unseen)}
@@ -139,9 +146,16 @@ def print_robustness(res: dict) -> None:
               + f" {m['spread']:7.3f} {stated:7.3f} {yes:6.3f}")
         print(f"{'  share yes':24s} " + " ".join(f"{per[p]['yes_share']:9.3f}"
                                                  for p in PHRASINGS))
+        if all("decision_auc" in per[p] for p in PHRASINGS):  # results saved before it have none
+            aucs = [per[p]["decision_auc"] for p in PHRASINGS]
+            print(f"{'  AUC yes-vs-no':24s} " + " ".join(
+                f"{'-' if a is None else f'{a:.3f}':>9s}" for a in aucs))
     print("spread = max - min accuracy over the 5 unseen phrasings; stated / yes = mean share "
           "of answers whose first sentence states a decision / that decide yes; 'share yes' "
-          "per phrasing (a decision that follows the wording swings here)")
+          "per phrasing (a decision that follows the wording swings here); 'AUC yes-vs-no': how "
+          "well the first answer token's yes-vs-no log-odds separate yes from no questions "
+          "under that phrasing (0.5 = not at all): a steady AUC under a swinging share means "
+          "the wording moves the threshold, not the reading")
 
 
 def plot_robustness(result: dict, path: str) -> None:
