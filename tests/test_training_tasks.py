@@ -270,21 +270,18 @@ def test_conclusion_share_adds_bare_decision_reading_examples(tokenizer):
         load_config(QAConfig, "qa.yaml", ["conclusion_share=1.5"])
 
 
-def test_first_step_logits_come_from_the_generation_pass(tokenizer):
+def test_first_step_logits_come_from_the_generation_pass():
     """The decision log-odds are read from generate()'s own first step (no second forward
     pass): under batching with left padding they equal a lone forward pass of each prompt,
     and the answer is unchanged by asking for them."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from rag_app.generate import ensure_base_checkpoint
-    from training.policy import generate
+    from training.policy import generate, load_causal
     from training.qa import decision_logodds
 
-    model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # its own tokenizer (left padding, a pad token): the module's shared fixture stays as it is
+    model, tokenizer = load_causal(str(ensure_base_checkpoint()))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True)
                for q in ("Is aspirin an anticoagulant? Answer yes or no.",
