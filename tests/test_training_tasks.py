@@ -165,8 +165,10 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
     from rag_app.cli import main
 
     out = tmp_path / f"{what}.json"
+    beams = ["--num-beams", "2"] if what == "summarize" else []
     assert main(["eval", what, "--model", "base", "--model", f"tuned={kind}-tiny", "--limit",
-                 "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]) == 0
+                 "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]
+                + beams) == 0
     res = json.loads(out.read_text())
     assert list(res["models"]) == ["base", "tuned"] and res["n"] == 2
     assert out.with_suffix(".png").is_file()
@@ -178,6 +180,7 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
             assert all(isinstance(r["yes_no_logodds"], float) for r in m["rows"])
     else:
         assert all(len(r["summary"].split()) <= 4 for r in res["models"]["tuned"]["rows"])
+        assert res["num_beams"] == 2 and "beam search, 2 beams" in text
     assert res["split"] == "eval" and res["split_file"].startswith("rag_app/splits/")
 
 
@@ -299,3 +302,36 @@ def test_first_step_logits_come_from_the_generation_pass():
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
     assert decision_logodds(tokenizer, first) == pytest.approx(
         [float(r[yes] - r[no]) for r in first])
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
+    """Over two new tokens the greedy pair is among the candidates beam search ranks, so the
+    beam's pair is at least as likely; beams refuse sampling and first-step logits."""
+    import torch
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.policy import generate, load_causal
+
+    model, tokenizer = load_causal(str(ensure_base_checkpoint()))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+               for q in ("Summarize: my father has had a cough for three weeks, what should "
+                         "we do?", "Name two symptoms of anaemia.")]
+
+    def logprob(prompt, ids):
+        x = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        full = torch.cat([x, torch.tensor([ids])], dim=1)
+        with torch.inference_mode():
+            lp = model(input_ids=full).logits[0, x.shape[1] - 1:-1].log_softmax(-1)
+        return float(lp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+
+    greedy = generate(model, tokenizer, prompts, 2, batch_size=2)
+    beam = generate(model, tokenizer, prompts, 2, batch_size=2, num_beams=4)
+    assert beam == generate(model, tokenizer, prompts, 2, batch_size=2, num_beams=4)
+    assert all(len(g) == 2 and len(b) == 2 for g, b in zip(greedy, beam))
+    for p, g, b in zip(prompts, greedy, beam):
+        assert logprob(p, b) >= logprob(p, g) - 1e-4
+    for bad in (dict(num_beams=0), dict(num_beams=2, do_sample=True),
+                dict(num_beams=2, first_logits=[])):
+        with pytest.raises(ValueError):
+            generate(model, tokenizer, prompts, 2, **bad)

@@ -13,7 +13,7 @@
     rag eval reward --model NAME|reward [--model ...] [--pairs 300] [--out results/X.json]
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
         [--out results/X.json]
-    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48]
+    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] [--num-beams 4]
         [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
@@ -151,6 +151,9 @@ def add_eval_parsers(esub) -> None:
         s.add_argument("--split", choices=("val", "eval"), default="eval",
                        help="eval = the held-out fold (report); val = the training side's "
                             "validation slice (choose settings here)")
+        if what == "summarize":
+            s.add_argument("--num-beams", type=int, default=1,
+                           help="1 = greedy; more = beam search with that many beams")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -357,8 +360,10 @@ def run_eval(args) -> int:
         mod = importlib.import_module(f"training.{GENERATOR_EVALS[args.what][0]}")
         cls, fn, plot = (getattr(mod, n) for n in GENERATOR_EVALS[args.what][1:])
         cfg = load_config(cls, args.recipe, args.set)
+        extra = {"num_beams": args.num_beams} if args.what == "summarize" else {}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
-                           args.max_new_tokens, args.batch_size, split=args.split), plot)
+                           args.max_new_tokens, args.batch_size, split=args.split, **extra),
+              plot)
         return 0
     if args.what == "choose-weight":
         from .relevance import choose_weight, print_weight_choice

@@ -67,13 +67,19 @@ def rl_prompts(tok, split: str, n: int, seed: int = 0, n_sources: int = 2,
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 4,
-             num_return_sequences: int = 1, first_logits: list | None = None) -> list[list[int]]:
+             num_return_sequences: int = 1, first_logits: list | None = None,
+             num_beams: int = 1) -> list[list[int]]:
     """Token ids of each answer, up to and including its EOS (padding removed),
     `num_return_sequences` per prompt, in prompt order. A `first_logits` list receives each
     answer's raw next-token logits at its first step (what the prompt alone predicts), from
-    the same pass, in the same order."""
+    the same pass, in the same order. `num_beams` > 1: beam search (deterministic; no
+    sampling, no first-step logits)."""
     import torch
 
+    if num_beams < 1:
+        raise ValueError(f"num_beams={num_beams} is invalid: use 1 (greedy) or more (beam search)")
+    if num_beams > 1 and (do_sample or first_logits is not None):
+        raise ValueError("beam search (num_beams > 1) goes with neither sampling nor first_logits")
     out: list[list[int]] = []
     model.eval()
     with torch.inference_mode():
@@ -84,6 +90,8 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
                       pad_token_id=tok.pad_token_id, num_return_sequences=num_return_sequences)
             if do_sample:
                 kw |= dict(temperature=temperature, top_p=top_p, top_k=0)
+            if num_beams > 1:
+                kw |= dict(num_beams=num_beams, early_stopping=True)
             if first_logits is not None:
                 kw |= dict(output_logits=True, return_dict_in_generate=True)
             gen = model.generate(**enc, **kw)

@@ -7,7 +7,8 @@ rest (eval loss before/after); train = the remaining MeQSum rows + the chosen ME
 MEDIQA question that near-duplicates a held-out MeQSum question is dropped).
 
     rag train summarize --recipe training/recipes/summarize.yaml [--set k=v] [--activate]
-    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] --out F
+    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48]
+        [--num-beams 1] [--split eval|val] --out F
 """
 from __future__ import annotations
 
@@ -132,17 +133,19 @@ def summary_metrics(preds: list[str], refs: list[str]) -> dict:
 
 
 def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
-                   max_new_tokens: int = 48, batch_size: int = 8, split: str = "eval") -> dict:
-    """Greedy summaries of the held-out MeQSum questions (split "eval"; "val": the training
-    side's validation slice, to choose settings on) by each model, ROUGE vs the experts'."""
+                   max_new_tokens: int = 48, batch_size: int = 8, split: str = "eval",
+                   num_beams: int = 1) -> dict:
+    """Greedy (or `num_beams` beam-search) summaries of the held-out MeQSum questions (split
+    "eval"; "val": the training side's validation slice, to choose settings on) by each model,
+    ROUGE vs the experts'."""
     out: dict = {"dataset": "meqsum-heldout" if split == "eval" else "meqsum-val",
                  **split_fields(split, "rag_app/splits/meqsum_heldout_files.txt"),
-                 "max_new_tokens": max_new_tokens,
+                 "max_new_tokens": max_new_tokens, "num_beams": num_beams,
                  "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
     for label, name, items, preds, _ in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
-            batch_size):
+            batch_size, num_beams=num_beams):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
                      for e, p in zip(items, preds)]
@@ -153,7 +156,9 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
 
 
 def print_summarize(res: dict) -> None:
-    print(f"summaries of {res.get('n')} {split_words(res, 'MeQSum')} questions (greedy, "
+    beams = res.get("num_beams", 1)
+    print(f"summaries of {res.get('n')} {split_words(res, 'MeQSum')} questions "
+          f"({'greedy' if beams == 1 else f'beam search, {beams} beams'}, "
           f"max_new_tokens {res['max_new_tokens']})")
     print(f"{'model':28s} {'ROUGE-1':>8s} {'ROUGE-2':>8s} {'ROUGE-L':>8s} {'words':>6s}")
     for label, m in res["models"].items():

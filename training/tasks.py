@@ -191,9 +191,11 @@ def models_to_compare(refs: list[str]):
 
 
 def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                   desc: str = "generating", first_logits: list | None = None) -> list[str]:
-    """Greedy answers (new text only, special tokens dropped), batched with left padding; a
-    `first_logits` list receives each answer's first-step logits (policy.generate)."""
+                   desc: str = "generating", first_logits: list | None = None,
+                   num_beams: int = 1) -> list[str]:
+    """Greedy (or `num_beams` beam-search) answers (new text only, special tokens dropped),
+    batched with left padding; a `first_logits` list receives each answer's first-step logits
+    (policy.generate)."""
     from tqdm.auto import tqdm
 
     from .policy import generate
@@ -204,23 +206,25 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
     out: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         for ids in generate(model, tok, prompts[i:i + batch_size], max_new_tokens,
-                            batch_size=batch_size, first_logits=first_logits):
+                            batch_size=batch_size, first_logits=first_logits,
+                            num_beams=num_beams):
             out.append(tok.decode(ids, skip_special_tokens=True).strip())
     return out
 
 
 def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
-                     score=None):
+                     score=None, num_beams: int = 1):
     """Yield (label, display name, items, greedy texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
     `limit` of them (0 = all); scores = score(tokenizer, first-step logits of each answer)
-    (None without one)."""
+    (None without one); `num_beams` > 1 decodes by beam search instead of greedily."""
     for label, name, model, tok in models_to_compare(refs):
         items = build(tok)
         items = items[:limit] if limit else items
         first: list = []
         texts = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
-                               batch_size, desc=label, first_logits=first if score else None)
+                               batch_size, desc=label, first_logits=first if score else None,
+                               num_beams=num_beams)
         yield label, name, items, texts, score(tok, first) if score else None
 
 
