@@ -13,7 +13,7 @@
     rag eval reward --model NAME|reward [--model ...] [--pairs 300] [--out results/X.json]
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
         [--out results/X.json]
-    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] [--num-beams 4]
+    rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] [--num-beams N]
         [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
