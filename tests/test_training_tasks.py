@@ -40,6 +40,21 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ensure_base_checkpoint())
 
 
+@pytest.fixture(scope="module")
+def causal_lm():
+    """The base generator as policy.load_causal loads it (left padding, a pad token), with its
+    own tokenizer, so the `tokenizer` fixture stays as it is; plus a chat-prompt maker."""
+    from rag_app.generate import ensure_base_checkpoint
+    from training.policy import load_causal
+
+    model, tok = load_causal(str(ensure_base_checkpoint()))
+
+    def chat(*questions):
+        return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                        add_generation_prompt=True) for q in questions]
+    return model, tok, chat
+
+
 @pytest.mark.parametrize("kind", ["summarize", "qa"])
 def test_loss_falls_and_adapter_registers(tiny_runs, kind):
     from rag_app.models import ModelRegistry
@@ -273,23 +288,19 @@ def test_conclusion_share_adds_bare_decision_reading_examples(tokenizer):
         load_config(QAConfig, "qa.yaml", ["conclusion_share=1.5"])
 
 
-def test_first_step_logits_come_from_the_generation_pass():
+def test_first_step_logits_come_from_the_generation_pass(causal_lm):
     """The decision log-odds are read from generate()'s own first step (no second forward
     pass): under batching with left padding they equal a lone forward pass of each prompt,
     and the answer is unchanged by asking for them."""
     import torch
 
-    from rag_app.generate import ensure_base_checkpoint
-    from training.policy import generate, load_causal
+    from training.policy import generate
     from training.qa import decision_logodds
 
-    # its own tokenizer (left padding, a pad token): the module's shared fixture stays as it is
-    model, tokenizer = load_causal(str(ensure_base_checkpoint()))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
-               for q in ("Is aspirin an anticoagulant? Answer yes or no.",
-                         "Does smoking raise the risk of lung cancer, according to decades of "
-                         "cohort studies? Answer yes or no.")]
+    model, tokenizer, chat = causal_lm
+    prompts = chat("Is aspirin an anticoagulant? Answer yes or no.",
+                   "Does smoking raise the risk of lung cancer, according to decades of "
+                   "cohort studies? Answer yes or no.")
     first: list = []
     ids = generate(model, tokenizer, prompts, 3, batch_size=2, first_logits=first)
     assert ids == generate(model, tokenizer, prompts, 3, batch_size=2)
@@ -304,19 +315,16 @@ def test_first_step_logits_come_from_the_generation_pass():
         [float(r[yes] - r[no]) for r in first])
 
 
-def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(causal_lm):
     """Over two new tokens the greedy pair is among the candidates beam search ranks, so the
     beam's pair is at least as likely; beams refuse sampling and first-step logits."""
     import torch
 
-    from rag_app.generate import ensure_base_checkpoint
-    from training.policy import generate, load_causal
+    from training.policy import generate
 
-    model, tokenizer = load_causal(str(ensure_base_checkpoint()))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
-               for q in ("Summarize: my father has had a cough for three weeks, what should "
-                         "we do?", "Name two symptoms of anaemia.")]
+    model, tokenizer, chat = causal_lm
+    prompts = chat("Summarize: my father has had a cough for three weeks, what should we do?",
+                   "Name two symptoms of anaemia.")
 
     def logprob(prompt, ids):
         x = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -214,7 +214,7 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
 
 def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
                      score=None, num_beams: int = 1):
-    """Yield (label, display name, items, greedy texts, scores) per `--model` ref: items =
+    """Yield (label, display name, items, generated texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
     `limit` of them (0 = all); scores = score(tokenizer, first-step logits of each answer)
     (None without one); `num_beams` > 1 decodes by beam search instead of greedily."""
