@@ -180,7 +180,7 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
     from rag_app.cli import main
 
     out = tmp_path / f"{what}.json"
-    beams = ["--num-beams", "2"] if what == "summarize" else []
+    beams = ["--num-beams", "2", "--length-penalty", "1.5"] if what == "summarize" else []
     assert main(["eval", what, "--model", "base", "--model", f"tuned={kind}-tiny", "--limit",
                  "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]
                 + beams) == 0
@@ -195,7 +195,8 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
             assert all(isinstance(r["yes_no_logodds"], float) for r in m["rows"])
     else:
         assert all(len(r["summary"].split()) <= 4 for r in res["models"]["tuned"]["rows"])
-        assert res["num_beams"] == 2 and "beam search, 2 beams" in text
+        assert res["num_beams"] == 2 and res["length_penalty"] == 1.5
+        assert "beam search, 2 beams, length penalty 1.5" in text
     assert res["split"] == "eval" and res["split_file"].startswith("rag_app/splits/")
 
 
@@ -317,7 +318,9 @@ def test_first_step_logits_come_from_the_generation_pass(causal_lm):
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(causal_lm):
     """Over two new tokens the greedy pair is among the candidates beam search ranks, so the
-    beam's pair is at least as likely; beams refuse sampling and first-step logits."""
+    beam's pair is at least as likely; a length penalty favouring length gives longer answers
+    than one favouring brevity; beams refuse sampling and first-step logits, and a length
+    penalty needs beams."""
     import torch
 
     from training.policy import generate
@@ -339,7 +342,16 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(causal_lm):
     assert all(len(g) == 2 and len(b) == 2 for g, b in zip(greedy, beam))
     for p, g, b in zip(prompts, greedy, beam):
         assert logprob(p, b) >= logprob(p, g) - 1e-4
+    # the length penalty ranks the finished beams: favouring length never gives shorter answers
+    short = chat("Name one symptom of anaemia, in one word.",
+                 "What organ does hepatitis affect? One word.",
+                 "Summarize in one short question: my father has had a cough for three weeks, "
+                 "what should we do?")
+    longer, shorter = (generate(model, tokenizer, short, 24, batch_size=3, num_beams=4,
+                                length_penalty=lp) for lp in (4.0, -4.0))
+    assert all(len(a) >= len(b) for a, b in zip(longer, shorter))
+    assert sum(map(len, longer)) > sum(map(len, shorter))
     for bad in (dict(num_beams=0), dict(num_beams=2, do_sample=True),
-                dict(num_beams=2, first_logits=[])):
+                dict(num_beams=2, first_logits=[]), dict(length_penalty=2.0)):
         with pytest.raises(ValueError):
             generate(model, tokenizer, prompts, 2, **bad)

@@ -14,7 +14,7 @@
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
         [--out results/X.json]
     rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] [--num-beams N]
-        [--out results/X.json]
+        [--length-penalty L] [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
 """
@@ -154,6 +154,9 @@ def add_eval_parsers(esub) -> None:
         if what == "summarize":
             s.add_argument("--num-beams", type=int, default=1,
                            help="1 = greedy; more = beam search with that many beams")
+            s.add_argument("--length-penalty", type=float, default=1.0,
+                           help="beam search only: finished beams are ranked by "
+                                "log-probability / length ** this (> 1 favours longer)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -360,7 +363,8 @@ def run_eval(args) -> int:
         mod = importlib.import_module(f"training.{GENERATOR_EVALS[args.what][0]}")
         cls, fn, plot = (getattr(mod, n) for n in GENERATOR_EVALS[args.what][1:])
         cfg = load_config(cls, args.recipe, args.set)
-        extra = {"num_beams": args.num_beams} if args.what == "summarize" else {}
+        extra = {"num_beams": args.num_beams, "length_penalty": args.length_penalty} \
+            if args.what == "summarize" else {}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)

@@ -68,18 +68,21 @@ def rl_prompts(tok, split: str, n: int, seed: int = 0, n_sources: int = 2,
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 4,
              num_return_sequences: int = 1, first_logits: list | None = None,
-             num_beams: int = 1) -> list[list[int]]:
+             num_beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
     """Token ids of each answer, up to and including its EOS (padding removed),
     `num_return_sequences` per prompt, in prompt order. A `first_logits` list receives each
     answer's raw next-token logits at its first step (what the prompt alone predicts), from
     the same pass, in the same order. `num_beams` > 1: beam search (deterministic; no
-    sampling, no first-step logits)."""
+    sampling, no first-step logits), ranking finished beams by their log-probability divided by
+    length ** `length_penalty` (above 1 favours longer answers, below 1 shorter)."""
     import torch
 
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams} is invalid: use 1 (greedy) or more (beam search)")
     if num_beams > 1 and (do_sample or first_logits is not None):
         raise ValueError("beam search (num_beams > 1) goes with neither sampling nor first_logits")
+    if length_penalty != 1.0 and num_beams == 1:
+        raise ValueError(f"length_penalty={length_penalty} needs beam search (num_beams > 1)")
     out: list[list[int]] = []
     model.eval()
     with torch.inference_mode():
@@ -91,7 +94,8 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
             if do_sample:
                 kw |= dict(temperature=temperature, top_p=top_p, top_k=0)
             if num_beams > 1:
-                kw |= dict(num_beams=num_beams, early_stopping=True)
+                kw |= dict(num_beams=num_beams, early_stopping=True,
+                           length_penalty=length_penalty)
             if first_logits is not None:
                 kw |= dict(output_logits=True, return_dict_in_generate=True)
             gen = model.generate(**enc, **kw)
