@@ -156,7 +156,8 @@ def add_eval_parsers(esub) -> None:
                            help="1 = greedy; more = beam search with that many beams")
             s.add_argument("--length-penalty", type=float, default=1.0,
                            help="beam search only: finished beams are ranked by "
-                                "log-probability / length ** this (> 1 favours longer)")
+                                "log-probability / length ** this (higher favours longer "
+                                "summaries; 1 = transformers' default)")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:

@@ -74,7 +74,8 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
     answer's raw next-token logits at its first step (what the prompt alone predicts), from
     the same pass, in the same order. `num_beams` > 1: beam search (deterministic; no
     sampling, no first-step logits), ranking finished beams by their log-probability divided by
-    length ** `length_penalty` (above 1 favours longer answers, below 1 shorter)."""
+    length ** `length_penalty` (raising it favours longer answers, lowering it shorter ones;
+    1 is transformers' default)."""
     import torch
 
     if num_beams < 1:
