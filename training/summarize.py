@@ -8,7 +8,7 @@ MEDIQA question that near-duplicates a held-out MeQSum question is dropped).
 
     rag train summarize --recipe training/recipes/summarize.yaml [--set k=v] [--activate]
     rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48]
-        [--num-beams N] [--split eval|val] --out F
+        [--num-beams N] [--length-penalty L] [--split eval|val] --out F
 """
 from __future__ import annotations
 
