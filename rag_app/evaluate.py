@@ -121,6 +121,21 @@ def rouge_scores(pred: str, gold: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in _ROUGE["s"].score(gold, pred).items()}
 
 
+def mbr_select(candidates: list[str]) -> int:
+    """Minimum-Bayes-risk choice among `candidates` (e.g. the finished beams, best first): the
+    index of the one with the highest mean ROUGE (mean of the 1/2/L F-measures, rouge_scores)
+    against all the others, i.e. the consensus output; ties go to the earlier candidate."""
+    if not candidates:
+        raise ValueError("mbr_select needs at least one candidate")
+    best, best_u = 0, -1.0
+    for i, c in enumerate(candidates):
+        others = [o for j, o in enumerate(candidates) if j != i]
+        u = sum(sum(rouge_scores(c, o).values()) / 3 for o in others) / max(len(others), 1)
+        if u > best_u + 1e-12:
+            best, best_u = i, u
+    return best
+
+
 def yes_no_maybe(answer: str) -> str:
     """The decision an answer states: its first yes/no word, else 'maybe'."""
     first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0].lower()

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from rag_app.evaluate import (classification_metrics, mrr_at, ndcg_at, recall_at,
-                              retrieval_metrics, token_f1, yes_no_maybe)
+from rag_app.evaluate import (classification_metrics, mbr_select, mrr_at, ndcg_at, recall_at,
+                              retrieval_metrics, rouge_scores, token_f1, yes_no_maybe)
 from rag_app.retrieve import cc_fuse, rrf_fuse
 
 
@@ -77,3 +77,21 @@ def test_qa_metrics():
     c = classification_metrics(["yes", "no", "yes"], ["yes", "yes", "yes"])
     assert c["accuracy"] == pytest.approx(2 / 3)
     assert c["no"]["recall"] == 0.0
+
+
+def test_mbr_select_keeps_the_consensus_candidate():
+    """The chosen candidate has the highest mean ROUGE against the others, so an outlier that
+    ranks first loses to what most candidates agree on; ties and a lone candidate keep the
+    first; no candidate is an error."""
+    beams = ["What are the treatments for gout?",
+             "What causes headache after a lumbar puncture?",
+             "What causes headache after lumbar puncture?",
+             "How long does headache after a lumbar puncture last?"]
+    pick = mbr_select(beams)
+    utility = [sum(sum(rouge_scores(c, o).values()) / 3 for o in beams if o is not c)
+               for c in beams]
+    assert pick == utility.index(max(utility)) == 1 and utility[0] < min(utility[1:])
+    assert mbr_select(["same words", "same words", "other words"]) == 0
+    assert mbr_select(["only one"]) == 0
+    with pytest.raises(ValueError, match="candidate"):
+        mbr_select([])

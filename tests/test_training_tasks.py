@@ -180,7 +180,8 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
     from rag_app.cli import main
 
     out = tmp_path / f"{what}.json"
-    beams = ["--num-beams", "2", "--length-penalty", "1.5"] if what == "summarize" else []
+    beams = ["--num-beams", "2", "--length-penalty", "1.5", "--mbr"] if what == "summarize" \
+        else []
     assert main(["eval", what, "--model", "base", "--model", f"tuned={kind}-tiny", "--limit",
                  "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]
                 + beams) == 0
@@ -195,8 +196,8 @@ def test_eval_commands_end_to_end(tiny_runs, tmp_path, capsys, what, kind):
             assert all(isinstance(r["yes_no_logodds"], float) for r in m["rows"])
     else:
         assert all(len(r["summary"].split()) <= 4 for r in res["models"]["tuned"]["rows"])
-        assert res["num_beams"] == 2 and res["length_penalty"] == 1.5
-        assert "beam search, 2 beams, length penalty 1.5" in text
+        assert res["num_beams"] == 2 and res["length_penalty"] == 1.5 and res["mbr"] is True
+        assert "beam search, 2 beams, length penalty 1.5, consensus (MBR) beam" in text
     assert res["split"] == "eval" and res["split_file"].startswith("rag_app/splits/")
 
 
@@ -355,3 +356,27 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(causal_lm):
                 dict(num_beams=2, first_logits=[]), dict(length_penalty=2.0)):
         with pytest.raises(ValueError):
             generate(model, tokenizer, prompts, 2, **bad)
+
+
+def test_mbr_decoding_keeps_one_of_the_finished_beams(causal_lm):
+    """generate_texts(mbr=True) returns one text per prompt, chosen by mbr_select among that
+    prompt's finished beams (in the beam order generate returns them); without beam search
+    there is nothing to choose from."""
+    from rag_app.evaluate import mbr_select
+    from training.policy import generate
+    from training.tasks import generate_texts
+
+    model, tokenizer, chat = causal_lm
+    prompts = chat("Summarize in one short question: my father has had a cough for three "
+                   "weeks, what should we do?", "Name two symptoms of anaemia.")
+    tokenizer.padding_side = "left"
+    beams = [tokenizer.decode(ids, skip_special_tokens=True).strip()
+             for ids in generate(model, tokenizer, prompts, 12, batch_size=2, num_beams=4,
+                                 num_return_sequences=4)]
+    per_prompt = [beams[:4], beams[4:]]
+    chosen = generate_texts(model, tokenizer, prompts, 12, batch_size=2, num_beams=4, mbr=True)
+    assert chosen == [c[mbr_select(c)] for c in per_prompt]
+    assert generate_texts(model, tokenizer, prompts, 12, batch_size=2, num_beams=4) == \
+        [c[0] for c in per_prompt]
+    with pytest.raises(ValueError, match="num_beams"):
+        generate_texts(model, tokenizer, prompts, 12, mbr=True)

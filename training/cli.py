@@ -14,7 +14,7 @@
     rag eval policy --model base|tuned|NAME [--model ...] [--reward NAME] [--n 24]
         [--out results/X.json]
     rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48] [--num-beams N]
-        [--length-penalty L] [--out results/X.json]
+        [--length-penalty L] [--mbr] [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
 """
@@ -158,6 +158,10 @@ def add_eval_parsers(esub) -> None:
                            help="beam search only: finished beams are ranked by "
                                 "log-probability / length ** this (higher favours longer "
                                 "summaries; 1 = transformers' default)")
+            s.add_argument("--mbr", action="store_true",
+                           help="beam search only: keep the consensus beam (highest mean ROUGE "
+                                "against the other finished beams: minimum Bayes risk) instead "
+                                "of the most probable")
 
 
 def resolve_model(ref: str, kind: str = "relevance") -> str:
@@ -364,8 +368,8 @@ def run_eval(args) -> int:
         mod = importlib.import_module(f"training.{GENERATOR_EVALS[args.what][0]}")
         cls, fn, plot = (getattr(mod, n) for n in GENERATOR_EVALS[args.what][1:])
         cfg = load_config(cls, args.recipe, args.set)
-        extra = {"num_beams": args.num_beams, "length_penalty": args.length_penalty} \
-            if args.what == "summarize" else {}
+        extra = {"num_beams": args.num_beams, "length_penalty": args.length_penalty,
+                 "mbr": args.mbr} if args.what == "summarize" else {}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)

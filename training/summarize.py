@@ -8,7 +8,7 @@ MEDIQA question that near-duplicates a held-out MeQSum question is dropped).
 
     rag train summarize --recipe training/recipes/summarize.yaml [--set k=v] [--activate]
     rag eval summarize --model base --model NAME [--limit N] [--max-new-tokens 48]
-        [--num-beams N] [--length-penalty L] [--split eval|val] --out F
+        [--num-beams N] [--length-penalty L] [--mbr] [--split eval|val] --out F
 """
 from __future__ import annotations
 
@@ -134,19 +134,20 @@ def summary_metrics(preds: list[str], refs: list[str]) -> dict:
 
 def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
                    max_new_tokens: int = 48, batch_size: int = 8, split: str = "eval",
-                   num_beams: int = 1, length_penalty: float = 1.0) -> dict:
+                   num_beams: int = 1, length_penalty: float = 1.0, mbr: bool = False) -> dict:
     """Greedy (or `num_beams` beam-search) summaries of the held-out MeQSum questions (split
     "eval"; "val": the training side's validation slice, to choose settings on) by each model,
-    ROUGE vs the experts'. `length_penalty` ranks finished beams (policy.generate)."""
+    ROUGE vs the experts'. `length_penalty` ranks finished beams (policy.generate); `mbr` keeps
+    the consensus beam instead of the most probable (tasks.generate_texts)."""
     out: dict = {"dataset": "meqsum-heldout" if split == "eval" else "meqsum-val",
                  **split_fields(split, "rag_app/splits/meqsum_heldout_files.txt"),
                  "max_new_tokens": max_new_tokens, "num_beams": num_beams,
-                 "length_penalty": length_penalty,
+                 "length_penalty": length_penalty, "mbr": mbr,
                  "max_source_tokens": cfg.max_source_tokens,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
     for label, name, items, preds, _ in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
-            batch_size, num_beams=num_beams, length_penalty=length_penalty):
+            batch_size, num_beams=num_beams, length_penalty=length_penalty, mbr=mbr):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
                      for e, p in zip(items, preds)]
@@ -160,7 +161,8 @@ def print_summarize(res: dict) -> None:
     beams, lp = res.get("num_beams", 1), res.get("length_penalty", 1.0)
     print(f"summaries of {res.get('n')} {split_words(res, 'MeQSum')} questions "
           f"({'greedy' if beams == 1 else f'beam search, {beams} beams'}"
-          f"{'' if lp == 1.0 else f', length penalty {lp:g}'}, "
+          f"{'' if lp == 1.0 else f', length penalty {lp:g}'}"
+          f"{', consensus (MBR) beam' if res.get('mbr') else ''}, "
           f"max_new_tokens {res['max_new_tokens']})")
     print(f"{'model':28s} {'ROUGE-1':>8s} {'ROUGE-2':>8s} {'ROUGE-L':>8s} {'words':>6s}")
     for label, m in res["models"].items():

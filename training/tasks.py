@@ -192,40 +192,51 @@ def models_to_compare(refs: list[str]):
 
 def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                    desc: str = "generating", first_logits: list | None = None,
-                   num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+                   num_beams: int = 1, length_penalty: float = 1.0,
+                   mbr: bool = False) -> list[str]:
     """Greedy (or `num_beams` beam-search) answers (new text only, special tokens dropped),
     batched with left padding; a `first_logits` list receives each answer's first-step logits
-    (policy.generate)."""
+    (policy.generate). `mbr`: of all `num_beams` finished beams, keep the consensus one
+    (minimum-Bayes-risk with ROUGE, rag_app.evaluate.mbr_select) instead of the most probable."""
     from tqdm.auto import tqdm
+
+    from rag_app.evaluate import mbr_select
 
     from .policy import generate
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if mbr and num_beams < 2:
+        raise ValueError("mbr chooses among the finished beams: it needs num_beams >= 2")
+    per = num_beams if mbr else 1
     tok.padding_side = "left"
     out: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        for ids in generate(model, tok, prompts[i:i + batch_size], max_new_tokens,
-                            batch_size=batch_size, first_logits=first_logits,
-                            num_beams=num_beams, length_penalty=length_penalty):
-            out.append(tok.decode(ids, skip_special_tokens=True).strip())
+        texts = [tok.decode(ids, skip_special_tokens=True).strip()
+                 for ids in generate(model, tok, prompts[i:i + batch_size], max_new_tokens,
+                                     batch_size=batch_size, first_logits=first_logits,
+                                     num_beams=num_beams, length_penalty=length_penalty,
+                                     num_return_sequences=per)]
+        for j in range(0, len(texts), per):
+            out.append(texts[j + mbr_select(texts[j:j + per])] if mbr else texts[j])
     return out
 
 
 def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
-                     score=None, num_beams: int = 1, length_penalty: float = 1.0):
+                     score=None, num_beams: int = 1, length_penalty: float = 1.0,
+                     mbr: bool = False):
     """Yield (label, display name, items, generated texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
     `limit` of them (0 = all); scores = score(tokenizer, first-step logits of each answer)
     (None without one); `num_beams` > 1 decodes by beam search instead of greedily, with
-    `length_penalty` (policy.generate)."""
+    `length_penalty` (policy.generate), keeping the consensus beam if `mbr`."""
     for label, name, model, tok in models_to_compare(refs):
         items = build(tok)
         items = items[:limit] if limit else items
         first: list = []
         texts = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
                                batch_size, desc=label, first_logits=first if score else None,
-                               num_beams=num_beams, length_penalty=length_penalty)
+                               num_beams=num_beams, length_penalty=length_penalty, mbr=mbr)
         yield label, name, items, texts, score(tok, first) if score else None
 
 
