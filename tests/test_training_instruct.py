@@ -204,3 +204,44 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
     assert cur.with_suffix(".png").is_file()
     capsys.readouterr()
     assert main(["eval", "curves"]) == 2 and "no --model" in capsys.readouterr().err
+
+
+def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
+    """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
+    their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),
+    on the same batch; out-of-range values are refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.common import ProgressCallback
+    from training.data import instruction_examples
+    from training.instruct import make_trainer
+
+    examples = instruction_examples(tokenizer, 4, n_sources=1, max_prompt_tokens=120, seed=0)
+    losses, manual = {}, None
+    for eps in (0.0, 0.1):
+        cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
+                          [f"label_smoothing={eps}"])
+        model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(),
+                                                     dtype=torch.float32)
+        trainer = make_trainer(cfg, model, tokenizer, examples, [], tmp_path / str(eps),
+                               ProgressCallback(None))
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.eval()
+        with torch.no_grad():
+            losses[eps] = float(trainer.compute_loss(trainer.model, dict(batch)))
+            if manual is None:
+                logp = trainer.model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]
+                                     ).logits[:, :-1].float().log_softmax(-1)
+                labels = batch["labels"][:, 1:]
+                mask = labels != -100
+                nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][mask].mean()
+                manual = (float(nll), float(-logp.mean(-1)[mask].mean()))
+    assert losses[0.0] == pytest.approx(manual[0], rel=1e-3)
+    assert losses[0.1] == pytest.approx(0.9 * manual[0] + 0.1 * manual[1], rel=1e-3)
+    assert losses[0.1] > losses[0.0] + 0.1  # the uniform term is large for a 49k vocabulary
+    for bad in ("-0.1", "1.0"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            load_config(InstructConfig, "instruct.yaml", [f"label_smoothing={bad}"])

@@ -39,6 +39,16 @@ class LoraSFTConfig(TrainConfig):
     # there, so a step costs little more than a forward pass (CPU budgets)
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False  # saves memory, costs one more forward per step
+    label_smoothing: float = 0.0  # > 0: cross-entropy against (1 - eps) one-hot + eps uniform
+    # (transformers' LabelSmoother, as in BART's summarisation recipes). TRL 1.16 then spends
+    # one more no-grad forward per step on its token metrics, and warns that it will drop
+    # label_smoothing_factor in TRL 2.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} is invalid: use 0 (off) "
+                             "up to below 1 (e.g. 0.1)")
 
 
 @dataclass
@@ -152,7 +162,8 @@ def make_trainer(cfg: LoraSFTConfig, model, tokenizer, train_examples: list,
                 train_sampling_strategy="sequential",  # sampling.py already fixed the order
                 gradient_checkpointing=cfg.gradient_checkpointing)
     sft = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True,
-                    packing=False, dataset_num_proc=None)
+                    packing=False, dataset_num_proc=None,
+                    label_smoothing_factor=cfg.label_smoothing)
     return SFTTrainer(model=model, args=sft, processing_class=tokenizer,
                       train_dataset=to_dataset(train_examples),
                       eval_dataset=to_dataset(val_examples) if val_examples else None,
