@@ -56,7 +56,8 @@ def _add_ask(sub) -> None:
 
 
 def _add_model(sub) -> None:
-    p = sub.add_parser("model", help="list, activate, roll back and merge registered models")
+    p = sub.add_parser("model", help="list, activate, roll back, merge and soup registered "
+                       "models")
     msub = p.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="list the registered models (* = active)")
     a = msub.add_parser("activate", help="make NAME the active model of its kind")
@@ -70,6 +71,13 @@ def _add_model(sub) -> None:
     m.add_argument("--out", help="output folder (default <models_dir>/generator/NAME-merged)")
     m.add_argument("--register", dest="new_name", help="registry name (default NAME-merged)")
     m.add_argument("--activate", action="store_true", help="make the merged model active")
+    s = msub.add_parser("soup", help="average LoRA generators of one base in weight space")
+    s.add_argument("names", nargs="+", help="two or more registered adapter names")
+    s.add_argument("--register", dest="new_name", required=True, help="registry name of the soup")
+    s.add_argument("--weights", help="comma-separated, one per model, summing to 1 "
+                   "(default: equal)")
+    s.add_argument("--out", help="output folder (default <models_dir>/generator/NAME)")
+    s.add_argument("--activate", action="store_true", help="make the soup the active model")
 
 
 def _add_eval(sub) -> None:
@@ -258,7 +266,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .models import ModelRegistry, merge_adapter
+    from .models import ModelRegistry, merge_adapter, soup_adapters
 
     reg = ModelRegistry()
     if args.action == "list":
@@ -280,6 +288,17 @@ def cmd_model(args) -> int:
         print(f"active {args.kind} model: {now}")
         return 0
     t = time.perf_counter()
+    if args.action == "soup":
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        except ValueError as exc:
+            raise ValueError(f"--weights={args.weights!r} is invalid: give numbers separated "
+                             "by commas, e.g. 0.5,0.5") from exc
+        entry = soup_adapters(args.names, args.new_name, weights, args.out, args.activate)
+        print(f"souped {' + '.join(args.names)} (weights {entry['manifest']['weights']}) -> "
+              f"generator {entry['name']} at {entry['path']} in {time.perf_counter() - t:.1f}s"
+              f"{' (active)' if args.activate else ''}")
+        return 0
     entry = merge_adapter(args.name, args.out, args.new_name, args.activate)
     print(f"merged {args.name} -> generator {entry['name']} at {entry['path']} in "
           f"{time.perf_counter() - t:.1f}s{' (active)' if args.activate else ''}")

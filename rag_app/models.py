@@ -5,7 +5,8 @@ One JSON file, `<models_dir>/registry.json`:
 An entry is {"name", "kind", "path", "base_model", "training_type", "created", "metrics",
 "manifest"}. Paths inside the registry's folder are stored relative to it, so the folder can
 move. Writes are atomic (temp file + os.replace) under a file lock.
-`merge_adapter` folds a registered LoRA adapter into a standalone checkpoint (`rag model merge`).
+`merge_adapter` folds a registered LoRA adapter into a standalone checkpoint (`rag model merge`);
+`soup_adapters` averages LoRA adapters of one base in weight space (`rag model soup`).
 """
 from __future__ import annotations
 
@@ -321,4 +322,89 @@ def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None
     return reg.register(new_name, "generator", dest, base_model=base,
                         training_type=entry.get("training_type", ""), metrics=entry["metrics"],
                         manifest={"merged_from": name, "file": str(dest / "manifest.json")},
+                        activate=activate)
+
+
+# -- a weight soup of LoRA adapters
+
+def soup_adapters(names: list[str], new_name: str, weights: list[float] | None = None,
+                  out: str | Path | None = None, activate: bool = False,
+                  registry: ModelRegistry | None = None) -> dict:
+    """Average registered LoRA generators of one base model in weight space (a "model soup"):
+    the new adapter's weight change is sum_i w_i * (B_i A_i * scaling_i), exactly, through peft's
+    `add_weighted_adapter(combination_type="cat")` (its rank is the sum of the ranks).
+    `weights` (default equal) must be non-negative and sum to 1, so the souped model's weights
+    are the weighted mean of the models' weights. Saved (adapter + manifest) to `out` (default
+    `<models_dir>/generator/<new_name>`) through a temporary folder, registered as generator
+    `new_name`, active only with activate=True; returns the entry."""
+    import math
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reg = registry or ModelRegistry()
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"names={names!r}: a soup needs two or more different adapters")
+    weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+    if (len(weights) != len(names) or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or abs(sum(weights) - 1.0) > 1e-6):
+        raise ValueError(f"weights={weights!r} are invalid: give one non-negative weight per "
+                         f"model ({len(names)}), summing to 1")
+    if not _NAME_RE.match(new_name) or new_name in BASE_ALIASES + ("tuned",):
+        raise ValueError(f"name={new_name!r} is invalid: use letters, digits, '.', '_', '-' "
+                         "(not 'base', 'default' or 'tuned')")
+    entries, adapters, bases, layers = [], [], set(), set()
+    for name in names:
+        entry = reg.get(name)
+        base, adapter, _ = reg.resolve_generator(name) if entry["kind"] == "generator" else (
+            None, None, None)
+        if adapter is None:
+            raise ValueError(f"model {name!r} is not a LoRA generator adapter: only adapters "
+                             "can be souped")
+        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        entries.append(entry)
+        adapters.append(adapter)
+        bases.add(str(Path(base).resolve()) if Path(base).is_dir() else base)
+        layers.add(json.dumps(cfg.get("layers_to_transform")))
+    if len(bases) != 1:
+        raise ValueError(f"the adapters {names} were trained on different base models "
+                         f"({sorted(bases)}): only adapters of one base can be souped")
+    if len(layers) != 1:
+        raise ValueError(f"the adapters {names} adapt different layers (lora_layers): they "
+                         "cannot be souped")
+    dest = Path(out) if out else reg.root / "generator" / new_name
+    if dest.exists():
+        raise ValueError(f"{dest} already exists: pass another --out, or delete the folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base = bases.pop()
+    slots = [f"a{i}" for i in range(len(names))]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=slots[0])
+        for slot, adapter in zip(slots[1:], adapters[1:]):
+            model.load_adapter(adapter, adapter_name=slot)
+        model.add_weighted_adapter(slots, weights, "default", combination_type="cat")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"could not soup {adapters} on {base!r}: {exc}") from exc
+    types = {e.get("training_type", "") for e in entries}
+    training_type = types.pop() if len(types) == 1 else "soup"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        manifest = {"souped_from": names, "weights": weights, "adapters": adapters,
+                    "base_model": base, "training_type": training_type,
+                    "combination": "peft add_weighted_adapter cat: delta W = sum_i w_i delta W_i",
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("souped %s into %s in %.1f s", names, dest, time.perf_counter() - t0)
+    return reg.register(new_name, "generator", dest, base_model=base, training_type=training_type,
+                        manifest={"souped_from": names, "weights": weights,
+                                  "file": str(dest / "manifest.json")},
                         activate=activate)

@@ -70,9 +70,8 @@ def tiny_examples(tokenizer):
     return instruction_examples(tokenizer, 24, n_sources=2, max_prompt_tokens=240, seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter(tmp_path_factory):
-    """A real LoRA adapter (peft) over the packaged base checkpoint, saved to a folder. Its B
+def make_tiny_adapter(out, seed: int = 0, r: int = 4, targets=("q_proj", "v_proj")):
+    """Save a real LoRA adapter (peft) over the packaged base checkpoint to `out`. Its B
     weights are random, not zero (init_lora_weights=False), so it changes the logits."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -80,10 +79,15 @@ def tiny_adapter(tmp_path_factory):
 
     from rag_app.generate import ensure_base_checkpoint
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                      init_lora_weights=False, task_type="CAUSAL_LM")
-    out = tmp_path_factory.mktemp("lora") / "tiny-adapter"
     get_peft_model(model, cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """A real LoRA adapter over the packaged base checkpoint (make_tiny_adapter, seed 0)."""
+    return make_tiny_adapter(tmp_path_factory.mktemp("lora") / "tiny-adapter")

@@ -99,3 +99,90 @@ def test_model_list_activate_rollback(registry, monkeypatch, capsys):
     assert registry.active("generator")["name"] == "lora-a-merged"
     assert main(["model", "activate", "nope"]) == 2
     assert "not registered" in capsys.readouterr().err
+
+
+# -- rag model soup
+
+@pytest.fixture(scope="module")
+def soup_registry(registry, tmp_path_factory):
+    """lora-a (rank 4, q/v) and lora-b (rank 2, q/k/v, other seed), souped 0.25/0.75 once
+    through the CLI into "ab-soup" (RAG_MODELS_DIR is the registry's, set by `registry`)."""
+    from conftest import make_tiny_adapter
+
+    b = make_tiny_adapter(tmp_path_factory.mktemp("lora-b") / "b", seed=1, r=2,
+                          targets=("q_proj", "k_proj", "v_proj"))
+    registry.register("lora-b", "generator", b, base_model="base", training_type="instruct")
+    assert main(["model", "soup", "lora-a", "lora-b", "--weights", "0.25,0.75",
+                 "--register", "ab-soup"]) == 0
+    return registry
+
+
+def _merged_state(base_path, adapter):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+def test_soup_weights_are_the_weighted_mean_of_the_models(soup_registry):
+    """Merged into the base, the soup's every weight is 0.25 x lora-a's merged weight + 0.75 x
+    lora-b's (a model soup), including k_proj, which only lora-b adapts."""
+    import torch
+
+    from rag_app.generate import ensure_base_checkpoint
+
+    base_path = ensure_base_checkpoint(REPO / "models")
+    entry = soup_registry.get("ab-soup")
+    assert is_adapter_dir(entry["path"]) and entry["training_type"] == "instruct"
+    manifest = json.loads((Path(entry["path"]) / "manifest.json").read_text())
+    assert manifest["souped_from"] == ["lora-a", "lora-b"] and manifest["weights"] == [0.25, 0.75]
+    assert not [p for p in Path(entry["path"]).parent.iterdir() if p.name.startswith(".")]
+    sa = _merged_state(base_path, soup_registry.get("lora-a")["path"])
+    sb = _merged_state(base_path, soup_registry.get("lora-b")["path"])
+    ss = _merged_state(base_path, entry["path"])
+    assert ss.keys() == sa.keys()
+    moved = 0
+    for key, w in ss.items():
+        assert torch.allclose(w, 0.25 * sa[key] + 0.75 * sb[key], atol=1e-5), key
+        moved += not torch.allclose(sa[key], sb[key])
+    assert moved >= 3 * 30  # q, k and v of every layer differ between the two models
+    assert soup_registry.resolve_generator("ab-soup")[1] == entry["path"]
+
+
+def test_soup_errors(soup_registry, tmp_path, capsys):
+    from rag_app.models import soup_adapters
+
+    reg = soup_registry
+    with pytest.raises(ValueError, match="two or more different adapters"):
+        soup_adapters(["lora-a"], "x", registry=reg)
+    with pytest.raises(ValueError, match="two or more different adapters"):
+        soup_adapters(["lora-a", "lora-a"], "x", registry=reg)
+    with pytest.raises(ValueError, match="summing to 1"):
+        soup_adapters(["lora-a", "lora-b"], "x", [0.5, 0.6], registry=reg)
+    with pytest.raises(ValueError, match="summing to 1"):
+        soup_adapters(["lora-a", "lora-b"], "x", [1.5, -0.5], registry=reg)
+    with pytest.raises(ValueError, match="'lora-a-merged' is not a LoRA generator adapter"):
+        soup_adapters(["lora-a", "lora-a-merged"], "x", registry=reg)
+    with pytest.raises(ValueError, match="already exists"):
+        soup_adapters(["lora-a", "lora-b"], "x", out=tmp_path, registry=reg)
+    with pytest.raises(ValueError, match="name='tuned' is invalid"):
+        soup_adapters(["lora-a", "lora-b"], "tuned", registry=reg)
+    other = tmp_path / "other-base"
+    make_b = json.loads((Path(reg.get("lora-b")["path"]) / "adapter_config.json").read_text())
+    other.mkdir()
+    for f in Path(reg.get("lora-b")["path"]).iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "adapter_config.json").write_text(json.dumps(
+        {**make_b, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-360M-Instruct"}))
+    reg.register("lora-c", "generator", other)
+    with pytest.raises(ValueError, match="different base models"):
+        soup_adapters(["lora-a", "lora-c"], "x", registry=reg)
+    assert main(["model", "soup", "lora-a", "lora-b", "--weights", "half,half",
+                 "--register", "y"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--weights='half,half' is invalid" in err
+    assert "Traceback" not in err
+    assert not (reg.root / "generator" / "x").exists() and "y" not in {
+        e["name"] for e in reg.list()}
