@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.summary_compare import main, paired, row_scores
+from training.summary_compare import interval, main, paired, row_scores
 
 REPO = Path(__file__).resolve().parent.parent
 VAL = REPO / "results" / "summarize_val_v3_beam8.json"
@@ -55,3 +55,12 @@ def test_cli_prints_saves_and_refuses_edited_files(tmp_path, capsys):
     two = REPO / "results" / "summarize_meqsum_v3.json"
     with pytest.raises(ValueError, match="name one with --model-a"):
         main([str(two), str(two)])
+
+
+def test_one_result_interval_covers_its_mean(capsys):
+    scores = row_scores(_entry(), "rouge2")
+    s = interval(scores, resamples=2000)
+    assert s["n"] == 104 and s["ci95"][0] < s["mean_a"] < s["ci95"][1]
+    assert s["ci95"][1] - s["ci95"][0] > 0.02  # 104 rows cannot pin ROUGE-2 to +-0.01
+    assert main([str(VAL), "--resamples", "2000"])["ci95"] == s["ci95"]
+    assert "bootstrap 95% interval" in capsys.readouterr().out
