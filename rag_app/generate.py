@@ -100,14 +100,20 @@ def ensure_base_checkpoint(models_root: Path | None = None) -> Path:
         if target.exists():
             raise ValueError(f"{target} exists but is not a complete conversion (no "
                              f"{CONVERSION_FILE}): delete the folder so it is re-converted")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{BASE_NAME}-", dir=target.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp creates 0700
-            _convert_gguf(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_atomically(target, _convert_gguf)
     return target
+
+
+def write_atomically(dest: Path, write) -> None:
+    """`write(folder)` into a temporary sibling of `dest`, renamed into place when it returns:
+    an interrupted save leaves no half-written model behind."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(out: Path) -> None:

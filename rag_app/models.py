@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from rag_app.config import models_dir
 from rag_app.generate import (BASE_ALIASES, BASE_NAME, ensure_base_checkpoint,
-                              resolve_generator_path)
+                              resolve_generator_path, write_atomically)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +119,7 @@ class ModelRegistry:
                  training_type: str = "", metrics: dict | None = None,
                  manifest: dict | None = None, activate: bool = False) -> dict:
         """Add (or replace) a model entry; with activate=True make it the active one."""
-        if not isinstance(name, str) or not _NAME_RE.match(name) or name in BASE_ALIASES + ("tuned",):
-            raise ValueError(f"name={name!r} is invalid: use letters, digits, '.', '_', '-' "
-                             "(not 'base', 'default' or 'tuned')")
+        _check_new_name(name)
         _check_kind(kind)
         path = Path(path)
         if not path.is_dir():
@@ -264,6 +261,22 @@ class ModelRegistry:
 
 # -- merging an adapter into a standalone checkpoint
 
+def _check_new_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in BASE_ALIASES + (
+            "tuned",):
+        raise ValueError(f"name={name!r} is invalid: use letters, digits, '.', '_', '-' "
+                         "(not 'base', 'default' or 'tuned')")
+
+
+def _destination(reg: ModelRegistry, out: str | Path | None, name: str) -> Path:
+    """`out`, or `<models_dir>/generator/<name>`; refused if it exists, its parent made."""
+    dest = Path(out) if out else reg.root / "generator" / name
+    if dest.exists():
+        raise ValueError(f"{dest} already exists: pass another --out, or delete the folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
 def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None = None,
                   activate: bool = False, registry: ModelRegistry | None = None) -> dict:
     """Fold the LoRA adapter of registered generator `name` ("tuned" = the active one) into
@@ -291,13 +304,8 @@ def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None
         raise ValueError(f"model {name!r} is not a LoRA adapter (no adapter_config.json in "
                          f"{entry['path']}): it is already a standalone checkpoint, use it as is")
     new_name = new_name or f"{name}-merged"
-    if not _NAME_RE.match(new_name) or new_name in BASE_ALIASES + ("tuned",):
-        raise ValueError(f"name={new_name!r} is invalid: use letters, digits, '.', '_', '-' "
-                         "(not 'base', 'default' or 'tuned')")
-    dest = Path(out) if out else reg.root / "generator" / new_name
-    if dest.exists():
-        raise ValueError(f"{dest} already exists: pass another --out, or delete the folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_new_name(new_name)
+    dest = _destination(reg, out, new_name)
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -305,9 +313,7 @@ def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"could not load adapter {adapter!r} on {base!r}: {exc}") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp creates 0700
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         manifest = {"merged_from": name, "adapter": adapter, "base_model": base,
@@ -315,9 +321,8 @@ def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_atomically(dest, write)
     log.info("merged %s into %s in %.1f s", name, dest, time.perf_counter() - t0)
     return reg.register(new_name, "generator", dest, base_model=base,
                         training_type=entry.get("training_type", ""), metrics=entry["metrics"],
@@ -351,9 +356,7 @@ def soup_adapters(names: list[str], new_name: str, weights: list[float] | None =
             or abs(sum(weights) - 1.0) > 1e-6):
         raise ValueError(f"weights={weights!r} are invalid: give one non-negative weight per "
                          f"model ({len(names)}), summing to 1")
-    if not _NAME_RE.match(new_name) or new_name in BASE_ALIASES + ("tuned",):
-        raise ValueError(f"name={new_name!r} is invalid: use letters, digits, '.', '_', '-' "
-                         "(not 'base', 'default' or 'tuned')")
+    _check_new_name(new_name)
     entries, adapters, bases, layers = [], [], set(), set()
     for name in names:
         entry = reg.get(name)
@@ -373,10 +376,7 @@ def soup_adapters(names: list[str], new_name: str, weights: list[float] | None =
     if len(layers) != 1:
         raise ValueError(f"the adapters {names} adapt different layers (lora_layers): they "
                          "cannot be souped")
-    dest = Path(out) if out else reg.root / "generator" / new_name
-    if dest.exists():
-        raise ValueError(f"{dest} already exists: pass another --out, or delete the folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = _destination(reg, out, new_name)
     t0 = time.perf_counter()
     base = bases.pop()
     slots = [f"a{i}" for i in range(len(names))]
@@ -390,9 +390,7 @@ def soup_adapters(names: list[str], new_name: str, weights: list[float] | None =
         raise ValueError(f"could not soup {adapters} on {base!r}: {exc}") from exc
     types = {e.get("training_type", "") for e in entries}
     training_type = types.pop() if len(types) == 1 else "soup"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp creates 0700
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, selected_adapters=["default"])
         manifest = {"souped_from": names, "weights": weights, "adapters": adapters,
                     "base_model": base, "training_type": training_type,
@@ -400,9 +398,8 @@ def soup_adapters(names: list[str], new_name: str, weights: list[float] | None =
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_atomically(dest, write)
     log.info("souped %s into %s in %.1f s", names, dest, time.perf_counter() - t0)
     return reg.register(new_name, "generator", dest, base_model=base, training_type=training_type,
                         manifest={"souped_from": names, "weights": weights,
