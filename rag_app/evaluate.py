@@ -124,15 +124,20 @@ def rouge_scores(pred: str, gold: str) -> dict[str, float]:
 def mbr_select(candidates: list[str]) -> int:
     """Minimum-Bayes-risk choice among `candidates` (e.g. the finished beams, best first): the
     index of the one with the highest mean ROUGE (mean of the 1/2/L F-measures, rouge_scores)
-    against all the others, i.e. the consensus output; ties go to the earlier candidate."""
+    against all the others, i.e. the consensus output; ties go to the earlier candidate.
+    ROUGE F-measures are symmetric, so each pair is scored once."""
     if not candidates:
         raise ValueError("mbr_select needs at least one candidate")
-    best, best_u = 0, -1.0
-    for i, c in enumerate(candidates):
-        others = [o for j, o in enumerate(candidates) if j != i]
-        u = sum(sum(rouge_scores(c, o).values()) / 3 for o in others) / max(len(others), 1)
-        if u > best_u + 1e-12:
-            best, best_u = i, u
+    u = [0.0] * len(candidates)
+    for i in range(len(candidates)):
+        for j in range(i + 1, len(candidates)):
+            s = sum(rouge_scores(candidates[i], candidates[j]).values()) / 3
+            u[i] += s
+            u[j] += s
+    best = 0
+    for i in range(1, len(u)):
+        if u[i] > u[best] + 1e-12:
+            best = i
     return best
 
 

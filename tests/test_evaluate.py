@@ -95,3 +95,21 @@ def test_mbr_select_keeps_the_consensus_candidate():
     assert mbr_select(["only one"]) == 0
     with pytest.raises(ValueError, match="candidate"):
         mbr_select([])
+
+
+def test_mbr_select_scoring_each_pair_once_matches_the_two_sided_definition():
+    """mbr_select scores each pair once (ROUGE F is symmetric): on 200 random candidate sets
+    it picks what scoring every candidate against every other one, both ways, picks."""
+    import random
+
+    words = "what are the treatments causes of gout headache after lumbar puncture".split()
+    rng = random.Random(0)
+    for _ in range(200):
+        c = [" ".join(rng.choices(words, k=rng.randint(3, 9))) for _ in range(rng.randint(2, 8))]
+        u = [sum(sum(rouge_scores(x, o).values()) / 3 for j, o in enumerate(c) if j != i)
+             for i, x in enumerate(c)]
+        best = 0
+        for i in range(1, len(u)):
+            if u[i] > u[best] + 1e-12:
+                best = i
+        assert mbr_select(c) == best, c
