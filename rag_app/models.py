@@ -390,6 +390,7 @@ def soup_adapters(names: list[str], new_name: str, weights: list[float] | None =
         raise ValueError(f"could not soup {adapters} on {base!r}: {exc}") from exc
     types = {e.get("training_type", "") for e in entries}
     training_type = types.pop() if len(types) == 1 else "soup"
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, selected_adapters=["default"])
         manifest = {"souped_from": names, "weights": weights, "adapters": adapters,
