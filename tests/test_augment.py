@@ -5,7 +5,8 @@ import pytest
 from rag_app.prompts import ANSWER_INSTRUCTION
 from training.augment import (EVAL_INSTRUCTIONS, EVAL_QUESTION_TEMPLATES, TRAIN_INSTRUCTIONS,
                               TRAIN_QUESTION_TEMPLATES, _norm, augment_examples, check_disjoint,
-                              clean_question, paraphrase_question, with_instruction)
+                              clean_question, generated_instructions, paraphrase_question,
+                              usable_instruction, with_instruction)
 
 
 def test_eval_phrasings_disjoint_from_training():
@@ -41,3 +42,41 @@ def test_augment_ratio_and_refuses_eval_phrasings(tiny_examples, tokenizer):
     assert len(added) == len(tiny_examples) + round(0.5 * len(tiny_examples))
     with pytest.raises(ValueError, match="evaluation phrasing"):
         augment_examples(tiny_examples, tokenizer, 0.5, instructions=EVAL_INSTRUCTIONS[:1])
+
+
+def test_usable_instruction_keeps_instructions_only():
+    assert usable_instruction('"Use the provided sources to answer the question and cite them."') \
+        == "Use the provided sources to answer the question and cite them."
+    assert usable_instruction("Answer briefly from the text above, citing [1]") == \
+        "Answer briefly from the text above, citing [1]."
+    for bad in ("To answer, I will use the sources above and cite them as [1].",  # a reply
+                "What do the sources above say about the question asked?",  # a question
+                "Use the sources above.\nThen cite them as [1].",  # two lines
+                "Cite the sources.",  # too short
+                "Answer the question in a few short and friendly sentences please.",  # no sources
+                "Answer from the sources above and cite them as [1.",  # broken bracket
+                "[1] The answer to the question is in the sources above.",
+                EVAL_INSTRUCTIONS[3],  # a held-out phrasing, or a near copy of one
+                EVAL_INSTRUCTIONS[3].replace("Be brief", "Be short")):
+        assert usable_instruction(bad) is None, bad
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    from training.instruct import load_base, resolve_base_generator
+
+    return load_base(resolve_base_generator("default"))
+
+
+def test_generated_instructions_are_new_usable_and_seeded(base_model, tiny_examples):
+    model, tok = base_model
+    side = tok.padding_side
+    kw = dict(seed=3, per_prompt=4, max_rounds=2, seeds=TRAIN_INSTRUCTIONS[:2])
+    made = generated_instructions(model, tok, 2, **kw)
+    assert 1 <= len(made) <= 2 and tok.padding_side == side
+    known = {_norm(x) for x in TRAIN_INSTRUCTIONS + EVAL_INSTRUCTIONS + (ANSWER_INSTRUCTION,)}
+    assert all(usable_instruction(x) == x and _norm(x) not in known for x in made)
+    assert generated_instructions(model, tok, 2, **kw) == made  # a resumed run gets the same
+    assert generated_instructions(model, tok, 0) == []
+    exs = augment_examples(tiny_examples, tok, 1.0, seed=0, instructions=tuple(made))
+    assert any(x in e.prompt for e in exs for x in made)

@@ -16,7 +16,8 @@ from training.instruct import InstructConfig, run
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("instruct")
-    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml", ["name=instruct-tiny"])
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
+                      ["name=instruct-tiny", "generated_instructions=1"])
     res = run(cfg, output=str(out / "run"), progress_file=str(out / "progress.jsonl"),
               activate=True)
     return cfg, res, out
@@ -53,6 +54,8 @@ def test_loss_falls_and_adapter_registers(tiny_run):
     assert man["training_type"] == "instruct" and man["seed"] == cfg.seed
     assert man["data"]["prompt"]["module"] == "rag_app.prompts"
     assert man["config"]["max_steps"] == cfg.max_steps and "trl" not in man["config"]
+    made = man["data"]["generated_instructions"]  # the base model's paraphrase, recorded
+    assert len(made) == 1 and made[0] not in ANSWER_INSTRUCTION
     events = [json.loads(x) for x in open(out / "progress.jsonl")]
     assert events[0]["event"] in ("eval", "start") and events[-1]["event"] == "done"
     assert all(set(e) == {"event", "step", "total", "loss", "eta_s", "epoch", "metrics",

@@ -1,5 +1,6 @@
 """Paraphrase augmentation for instruction tuning: the answer instruction (the reminder after the
-question, prompts.ANSWER_INSTRUCTION) and light question rewrites.
+question, prompts.ANSWER_INSTRUCTION) and light question rewrites. Besides the hand-written
+TRAIN_INSTRUCTIONS, `generated_instructions()` has a generator write more (sampled, filtered).
 
 The robustness evaluation measures how the tuned model copes with phrasings it never saw, so its
 5 instruction phrasings (EVAL_INSTRUCTIONS) and question templates (EVAL_QUESTION_TEMPLATES)
@@ -124,4 +125,74 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
             out[i] = new
         else:
             out.append(new)
+    return out
+
+
+# Generator-made instruction paraphrases: a few-shot prompt (its example pair is none of the
+# instructions above), sampled, then kept only if it reads as an answer instruction.
+_PARAPHRASE_PROMPT = ('Paraphrase the sentence.\nSentence: "Answer the question using the text '
+                      'above."\nParaphrase: "Use the text above to respond to the question."\n'
+                      'Sentence: "{s}"\nParaphrase:')
+_EVIDENCE = re.compile(r"\b(sources?|texts?|passages?|documents?|excerpts?|references?|"
+                       r"evidence|material|cit\w+)\b|\[\d", re.I)
+_NOT_AN_INSTRUCTION = re.compile(r"^(the |answer:|question|here|sentence|paraphrase|syntax|"
+                                 r"justification|to improve|fix )|https?:|\?|\[\W|"
+                                 r"\b(i|i'\w+|we|she|he|my|our)\b", re.I)
+
+
+def _words(s: str) -> set[str]:
+    return set(_norm(s).split())
+
+
+def usable_instruction(text: str, max_eval_overlap: float = 0.5) -> str | None:
+    """A generated paraphrase cleaned to one instruction sentence, or None when it is unusable:
+    not one line of 6-30 words, not about the sources/citations, a question or a reply instead
+    of an instruction, or too close (word-set Jaccard >= `max_eval_overlap`) to one of the
+    held-out EVAL_INSTRUCTIONS, which must stay unseen in training."""
+    text = text.strip()
+    quoted = re.fullmatch(r'"([^"\n]+)"\.?', text.split("\n")[0].strip())
+    line = (quoted.group(1) if quoted else text).strip()
+    if "\n" in line or '"' in line or not 6 <= len(line.split()) <= 30 \
+            or not line[0].isupper() or line.count("[") != line.count("]"):
+        return None
+    if not _EVIDENCE.search(line) or _NOT_AN_INSTRUCTION.search(line):
+        return None
+    words = _words(line)
+    for held in EVAL_INSTRUCTIONS:
+        if len(words & _words(held)) / len(words | _words(held)) >= max_eval_overlap:
+            return None
+    return line if line[-1] in ".!" else line + "."
+
+
+def generated_instructions(model, tokenizer, n: int, seed: int = 0, per_prompt: int = 6,
+                           max_rounds: int = 6,
+                           seeds: tuple[str, ...] = TRAIN_INSTRUCTIONS) -> list[str]:
+    """Up to `n` new answer instructions paraphrased by `model` (sampled at temperature 0.7,
+    seeded, so a resumed run gets the same list) from the training phrasings `seeds`, each kept
+    by `usable_instruction` and new (not a training or serving phrasing, no duplicates)."""
+    import torch
+
+    from .policy import generate
+
+    if n < 0:
+        raise ValueError(f"generated_instructions={n} is invalid: use 0 or more")
+    seen = {_norm(x) for x in seeds + TRAIN_INSTRUCTIONS + (ANSWER_INSTRUCTION,)}
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PARAPHRASE_PROMPT.format(s=s)}], tokenize=False,
+        add_generation_prompt=True) for s in seeds]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[str] = []
+    try:
+        for r in range(max_rounds if n else 0):
+            torch.manual_seed(seed + r)
+            for ids in generate(model, tokenizer, prompts, max_new_tokens=40, do_sample=True,
+                                temperature=0.7, top_p=0.9, num_return_sequences=per_prompt):
+                line = usable_instruction(tokenizer.decode(ids, skip_special_tokens=True))
+                if line and _norm(line) not in seen and len(out) < n:
+                    seen.add(_norm(line))
+                    out.append(line)
+            if len(out) >= n:
+                break
+    finally:
+        tokenizer.padding_side = side
     return out

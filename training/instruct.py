@@ -66,6 +66,7 @@ class InstructConfig(LoraSFTConfig):
     # augmentation (augment.py) and ordering (sampling.py)
     augment_ratio: float = 0.3
     augment_mode: str = "replace"  # replace | add
+    generated_instructions: int = 0  # > 0: the base model paraphrases this many more instructions
     sampling: str = "random"  # random | curriculum | hard
     difficulty: str = "heuristic"  # heuristic | loss (base-model loss: one forward/example)
     hard_power: float = 1.0
@@ -79,6 +80,9 @@ class InstructConfig(LoraSFTConfig):
             raise ValueError(f"difficulty={self.difficulty!r} is invalid: use heuristic or loss")
         if self.n_examples < 1 or self.lora_r < 1:
             raise ValueError("n_examples and lora_r must be >= 1")
+        if self.generated_instructions < 0:
+            raise ValueError(f"generated_instructions={self.generated_instructions} is invalid: "
+                             "use 0 (the written paraphrases only) or more")
 
 
 def resolve_base_generator(model: str) -> str:
@@ -112,9 +116,10 @@ def load_base(path: str):
 
 
 def build_examples(cfg: InstructConfig, tokenizer, split: str = "train", n: int | None = None,
-                   augment: bool = True) -> list:
-    """Examples of `split`, each fitting max_length (the answer is cut, never the EOS)."""
-    from .augment import augment_examples
+                   augment: bool = True, extra_instructions: tuple[str, ...] = ()) -> list:
+    """Examples of `split`, each fitting max_length (the answer is cut, never the EOS).
+    `extra_instructions` join TRAIN_INSTRUCTIONS as paraphrases the augmentation draws from."""
+    from .augment import TRAIN_INSTRUCTIONS, augment_examples
     from .data import instruction_examples
 
     n = cfg.n_examples if n is None else n
@@ -124,7 +129,8 @@ def build_examples(cfg: InstructConfig, tokenizer, split: str = "train", n: int 
                                cfg.seed + (0 if split == "train" else 1))
     if augment and cfg.augment_ratio > 0:
         exs = augment_examples(exs, tokenizer, cfg.augment_ratio, cfg.max_prompt_tokens,
-                               cfg.seed, mode=cfg.augment_mode)
+                               cfg.seed, TRAIN_INSTRUCTIONS + tuple(extra_instructions),
+                               mode=cfg.augment_mode)
     for e in exs:
         room = cfg.max_length - e.prompt_tokens - 1
         ids = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
@@ -205,6 +211,7 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
         resume: bool = False, activate: bool = False) -> dict:
     """The whole run: examples -> eval loss before -> train -> eval loss after -> save adapter
     + manifest -> register as a generator (active only with activate=True)."""
+    from .augment import generated_instructions
     from .data import describe_instructions
     from .sampling import base_model_losses, order_examples
 
@@ -212,7 +219,9 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
     try:
         base = resolve_base_generator(cfg.base_model)
         model, tokenizer = load_base(base)
-        train = build_examples(cfg, tokenizer, "train")
+        extra = generated_instructions(model, tokenizer, cfg.generated_instructions, cfg.seed) \
+            if cfg.augment_ratio > 0 else []
+        train = build_examples(cfg, tokenizer, "train", extra_instructions=tuple(extra))
         val = build_examples(cfg, tokenizer, "val", cfg.n_val_examples, augment=False) \
             if cfg.n_val_examples else []
         losses = base_model_losses(model, tokenizer, train, cfg.max_length) \
@@ -221,6 +230,7 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
         manifest = RunManifest("instruct", base, asdict(cfg), cfg.seed,
                                data={"train": describe_instructions(train),
                                      "val": describe_instructions(val),
+                                     "generated_instructions": extra,
                                      "sampling": cfg.sampling, "prompt": prompt_fingerprint(),
                                      "excluded": "pubmedqa_heldout_pmids, medquad_test_titles"})
         return train_and_register("instruct", cfg, model, tokenizer, train, val, manifest,
