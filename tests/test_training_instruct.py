@@ -209,6 +209,36 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
     assert main(["eval", "curves"]) == 2 and "no --model" in capsys.readouterr().err
 
 
+def test_robustness_calibrated_on_content_free_prompts(tmp_path, capsys):
+    """--calibrate: under each phrasing the content-free prompt's yes-vs-no log-odds (what the
+    wording alone leans to) is measured, saved and printed; it differs between wordings, and
+    offsetting "Yes"/"No" by decision_bias brings it to 0."""
+    import torch
+
+    from rag_app.cli import main
+    from training.policy import load_causal
+    from training.qa import decision_logodds
+    from training.robustness import PHRASINGS, content_free_logodds, decision_bias
+
+    out = tmp_path / "cal.json"
+    assert main(["eval", "robustness", "--calibrate", "--model", "base", "--limit", "2",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    per = res["models"]["base"]["phrasings"]
+    assert res["calibrate"] is True and list(per) == list(PHRASINGS)
+    cf = [per[p]["content_free_logodds"] for p in PHRASINGS]
+    assert len(set(cf)) > 1 and "content-free log-odds" in capsys.readouterr().out
+    from rag_app.generate import ensure_base_checkpoint
+
+    model, tok = load_causal(str(ensure_base_checkpoint()))
+    c = content_free_logodds(model, tok, "unseen-3", res["n_sources"])
+    assert c == pytest.approx(per["unseen-3"]["content_free_logodds"], abs=1e-3)
+    logits = torch.zeros(1, len(tok))
+    for t, b in decision_bias(tok, c).items():
+        logits[0, t] += b
+    assert decision_logodds(tok, list(logits))[0] + c == pytest.approx(0, abs=1e-6)
+
+
 def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
     """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
     their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),

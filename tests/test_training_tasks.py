@@ -317,6 +317,33 @@ def test_first_step_logits_come_from_the_generation_pass(causal_lm):
         [float(r[yes] - r[no]) for r in first])
 
 
+def test_first_step_bias_moves_the_first_token_only(causal_lm):
+    """first_step_bias adds its offsets at the first step alone: a large one on "Yes" makes
+    every answer start with it, the raw first-step logits are unchanged, and the next tokens
+    are what the model says after "Yes" (not "Yes" again); a zero bias changes nothing."""
+    import torch
+
+    from training.policy import generate
+
+    model, tokenizer, chat = causal_lm
+    prompts = chat("Is aspirin an anticoagulant? Answer yes or no.",
+                   "Does smoking raise the risk of lung cancer? Answer yes or no.")
+    yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    raw, biased = [], []
+    plain = generate(model, tokenizer, prompts, 4, batch_size=2, first_logits=raw)
+    forced = generate(model, tokenizer, prompts, 4, batch_size=2, first_logits=biased,
+                      first_step_bias={yes: 50.0})
+    assert all(ids[0] == yes for ids in forced) and any(ids[0] != yes for ids in plain)
+    assert all(torch.equal(a, b) for a, b in zip(raw, biased))
+    for p, ids in zip(prompts, forced):  # later steps: greedy continuation of "Yes", unbiased
+        x = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            nxt = model(input_ids=torch.cat([x, torch.tensor([[yes]])], 1)).logits[0, -1]
+        assert ids[1] == int(nxt.argmax())
+    assert generate(model, tokenizer, prompts, 4, batch_size=2, first_step_bias={yes: 0.0}) == \
+        plain
+
+
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(causal_lm):
     """Over two new tokens the greedy pair is among the candidates beam search ranks, so the
     beam's pair is at least as likely; a length penalty favouring length gives longer answers

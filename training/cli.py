@@ -151,6 +151,11 @@ def add_eval_parsers(esub) -> None:
         s.add_argument("--split", choices=("val", "eval"), default="eval",
                        help="eval = the held-out fold (report); val = the training side's "
                             "validation slice (choose settings here)")
+        if what == "robustness":
+            s.add_argument("--calibrate", action="store_true",
+                           help="offset the first token's Yes/No logits under each phrasing "
+                                "so a content-free prompt's yes-vs-no log-odds is 0 "
+                                "(contextual calibration: no labels used)")
         if what == "summarize":
             s.add_argument("--num-beams", type=int, default=1,
                            help="1 = greedy; more = beam search with that many beams")
@@ -370,6 +375,8 @@ def run_eval(args) -> int:
         cfg = load_config(cls, args.recipe, args.set)
         extra = {"num_beams": args.num_beams, "length_penalty": args.length_penalty,
                  "mbr": args.mbr} if args.what == "summarize" else {}
+        if args.what == "robustness":
+            extra = {"calibrate": args.calibrate}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)

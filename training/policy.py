@@ -68,14 +68,16 @@ def rl_prompts(tok, split: str, n: int, seed: int = 0, n_sources: int = 2,
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 4,
              num_return_sequences: int = 1, first_logits: list | None = None,
-             num_beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+             num_beams: int = 1, length_penalty: float = 1.0,
+             first_step_bias: dict[int, float] | None = None) -> list[list[int]]:
     """Token ids of each answer, up to and including its EOS (padding removed),
     `num_return_sequences` per prompt, in prompt order. A `first_logits` list receives each
     answer's raw next-token logits at its first step (what the prompt alone predicts), from
     the same pass, in the same order. `num_beams` > 1: beam search (deterministic; no
     sampling, no first-step logits), ranking finished beams by their log-probability divided by
     length ** `length_penalty` (raising it favours longer answers, lowering it shorter ones;
-    1 is transformers' default)."""
+    1 is transformers' default). `first_step_bias` {token id: b} adds b to those tokens' logits
+    at the first step only (a decision calibration; `first_logits` stay the raw ones)."""
     import torch
 
     if num_beams < 1:
@@ -99,6 +101,11 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
                            length_penalty=length_penalty)
             if first_logits is not None:
                 kw |= dict(output_logits=True, return_dict_in_generate=True)
+            if first_step_bias:
+                from transformers import LogitsProcessorList
+
+                kw["logits_processor"] = LogitsProcessorList(
+                    [_FirstStepBias(first_step_bias, enc["input_ids"].shape[1])])
             gen = model.generate(**enc, **kw)
             if first_logits is not None:
                 first_logits.extend(gen.logits[0].float())
@@ -114,6 +121,22 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, do_sample
                     ids.pop()
                 out.append(ids)
     return out
+
+
+class _FirstStepBias:
+    """A logits processor: adds `bias` to the given tokens' scores when the first new token is
+    chosen (the batch's left-padded prompts all end at `prompt_len`)."""
+
+    def __init__(self, bias: dict[int, float], prompt_len: int):
+        self.bias, self.prompt_len = bias, prompt_len
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] != self.prompt_len:
+            return scores
+        scores = scores.clone()
+        for token, b in self.bias.items():
+            scores[:, token] += b
+        return scores
 
 
 def answer_text(tok, ids: list[int]) -> str:

@@ -68,6 +68,39 @@ def phrased_prompt(prompt: str, phrasing: str) -> str:
     return out
 
 
+CONTENT_FREE = ("N/A", "", "[MASK]")  # stand-ins for the question and the passages
+
+
+def content_free_logodds(model, tok, phrasing: str, n_sources: int) -> float:
+    """The model's yes-vs-no log-odds on prompts with no content: the serving prompt with
+    `n_sources` passages and the question all replaced by a filler (mean over CONTENT_FREE),
+    under `phrasing`. What the wording alone makes the model lean to (Zhao et al. 2021,
+    "Calibrate before use": contextual calibration)."""
+    import torch
+
+    from rag_app.prompts import render_prompt
+    from rag_app.types import Source
+
+    from .qa import decision_logodds
+
+    logits = []
+    with torch.inference_mode():
+        for filler in CONTENT_FREE:
+            sources = [Source(i + 1, f"none-{i}", f"none-{i}", filler or "-", filler, 0.0)
+                       for i in range(n_sources)]
+            prompt = phrased_prompt(render_prompt(tok, filler or "?", sources), phrasing)
+            enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+            logits.append(model(**enc).logits[0, -1])
+    return sum(decision_logodds(tok, logits)) / len(logits)
+
+
+def decision_bias(tok, logodds: float) -> dict[int, float]:
+    """First-step logit offsets for "Yes" and "No" that bring a content-free log-odds of
+    `logodds` to 0 (half each way, so their joint weight against other tokens barely moves)."""
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    return {yes: -logodds / 2, no: logodds / 2}
+
+
 def phrasing_metrics(answers: list[str], golds: list[str]) -> dict:
     from rag_app.evaluate import yes_no_maybe
 
@@ -95,7 +128,10 @@ def spread(per_phrasing: dict) -> float:
 
 
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 8, split: str = "eval") -> dict:
+                    batch_size: int = 8, split: str = "eval", calibrate: bool = False) -> dict:
+    """`calibrate`: under each phrasing, the first token's "Yes"/"No" logits are offset so
+    that a content-free prompt's yes-vs-no log-odds is 0 (content_free_logodds; no labels
+    used), i.e. what the wording alone adds is taken out of the decision."""
     from .instruct import prompt_fingerprint
     from .qa import decision_auc, decision_logodds
     from .tasks import generate_texts, models_to_compare, split_fields
@@ -106,23 +142,25 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
                  **split_fields(split, "rag_app/splits/pubmedqa_heldout_pmids.txt"),
                  "phrasings": {p: instruction_of(p) for p in PHRASINGS},
                  "max_new_tokens": max_new_tokens, "n_sources": cfg.n_sources,
-                 "prompt": prompt_fingerprint(), "models": {}}
+                 "calibrate": calibrate, "prompt": prompt_fingerprint(), "models": {}}
     for label, name, model, tok in models_to_compare(refs):
         items = robustness_items(cfg, tok, limit, split)
         golds = [g for _, g in items]
-        prompts = [phrased_prompt(e.prompt, p) for p in PHRASINGS for e, _ in items]
-        first: list = []
-        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, desc=label,
-                               first_logits=first)
-        logodds = decision_logodds(tok, first)
         per = {}
-        for k, p in enumerate(PHRASINGS):
-            part = slice(k * len(items), (k + 1) * len(items))
-            answers = texts[part]
+        for p in PHRASINGS:
+            cf = content_free_logodds(model, tok, p, cfg.n_sources) if calibrate else None
+            first: list = []
+            answers = generate_texts(model, tok, [phrased_prompt(e.prompt, p) for e, _ in items],
+                                     max_new_tokens, batch_size, desc=f"{label} {p}",
+                                     first_logits=first,
+                                     first_step_bias=decision_bias(tok, cf) if calibrate else None)
+            logodds = decision_logodds(tok, first)  # raw: before any calibration offset
             per[p] = phrasing_metrics(answers, golds) | {
-                "decision_auc": decision_auc(logodds[part], golds),
+                "decision_auc": decision_auc(logodds, golds),
                 "rows": [{"id": e.group, "gold": g, "answer": a, "yes_no_logodds": round(x, 3)}
-                         for (e, g), a, x in zip(items, answers, logodds[part])]}
+                         for (e, g), a, x in zip(items, answers, logodds)]}
+            if calibrate:
+                per[p]["content_free_logodds"] = round(cf, 3)
         unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
         out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
                                 "unseen_mean_accuracy": sum(unseen) / len(unseen)}
@@ -135,7 +173,8 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
 def print_robustness(res: dict) -> None:
     print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
           f"accuracy per instruction phrasing (majority baseline "
-          f"{res.get('majority_baseline', 0):.3f})")
+          f"{res.get('majority_baseline', 0):.3f})"
+          + (", decisions calibrated on content-free prompts" if res.get("calibrate") else ""))
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
     for label, m in res["models"].items():
@@ -150,6 +189,9 @@ def print_robustness(res: dict) -> None:
             aucs = [per[p]["decision_auc"] for p in PHRASINGS]
             print(f"{'  AUC yes-vs-no':24s} " + " ".join(
                 f"{'-' if a is None else f'{a:.3f}':>9s}" for a in aucs))
+        if res.get("calibrate"):
+            print(f"{'  content-free log-odds':24s} " + " ".join(
+                f"{per[p]['content_free_logodds']:+9.3f}" for p in PHRASINGS))
     print("spread = max - min accuracy over the 5 unseen phrasings; stated / yes = mean share "
           "of answers whose first sentence states a decision / that decide yes; 'share yes' "
           "per phrasing (a decision that follows the wording swings here); 'AUC yes-vs-no': how "

@@ -193,7 +193,8 @@ def models_to_compare(refs: list[str]):
 def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                    desc: str = "generating", first_logits: list | None = None,
                    num_beams: int = 1, length_penalty: float = 1.0,
-                   mbr: bool = False) -> list[str]:
+                   mbr: bool = False, first_step_bias: dict[int, float] | None = None
+                   ) -> list[str]:
     """Greedy (or `num_beams` beam-search) answers (new text only, special tokens dropped),
     batched with left padding; a `first_logits` list receives each answer's first-step logits
     (policy.generate). `mbr`: of all `num_beams` finished beams, keep the consensus one
@@ -216,7 +217,8 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
                  for ids in generate(model, tok, prompts[i:i + batch_size], max_new_tokens,
                                      batch_size=batch_size, first_logits=first_logits,
                                      num_beams=num_beams, length_penalty=length_penalty,
-                                     num_return_sequences=per)]
+                                     num_return_sequences=per,
+                                     first_step_bias=first_step_bias)]
         for j in range(0, len(texts), per):
             out.append(texts[j + mbr_select(texts[j:j + per])] if mbr else texts[j])
     return out
