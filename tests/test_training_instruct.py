@@ -212,22 +212,30 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
 def test_robustness_calibrated_on_content_free_prompts(tmp_path, capsys):
     """--calibrate: under each phrasing the content-free prompt's yes-vs-no log-odds (what the
     wording alone leans to) is measured, saved and printed; it differs between wordings, and
-    offsetting "Yes"/"No" by decision_bias brings it to 0."""
+    decision_bias offsets "Yes"/"No" by it. "relative" leaves the serving answers as they
+    are (its offset there is 0); an unknown mode is refused."""
     import torch
 
     from rag_app.cli import main
+    from training.common import load_config
     from training.policy import load_causal
     from training.qa import decision_logodds
-    from training.robustness import PHRASINGS, content_free_logodds, decision_bias
+    from training.robustness import (PHRASINGS, content_free_logodds, decision_bias,
+                                     eval_robustness)
 
     out = tmp_path / "cal.json"
-    assert main(["eval", "robustness", "--calibrate", "--model", "base", "--limit", "2",
-                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert main(["eval", "robustness", "--calibrate", "relative", "--model", "base",
+                 "--limit", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     per = res["models"]["base"]["phrasings"]
-    assert res["calibrate"] is True and list(per) == list(PHRASINGS)
+    assert res["calibrate"] == "relative" and list(per) == list(PHRASINGS)
     cf = [per[p]["content_free_logodds"] for p in PHRASINGS]
     assert len(set(cf)) > 1 and "content-free log-odds" in capsys.readouterr().out
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct.yaml", [])
+    plain = eval_robustness(["base"], cfg, 2, 3)["models"]["base"]["phrasings"]
+    assert plain["serving"]["rows"] == per["serving"]["rows"]
+    with pytest.raises(ValueError, match="calibrate"):
+        eval_robustness(["base"], cfg, 2, 3, calibrate="yes")
     from rag_app.generate import ensure_base_checkpoint
 
     model, tok = load_causal(str(ensure_base_checkpoint()))

@@ -152,10 +152,12 @@ def add_eval_parsers(esub) -> None:
                        help="eval = the held-out fold (report); val = the training side's "
                             "validation slice (choose settings here)")
         if what == "robustness":
-            s.add_argument("--calibrate", action="store_true",
+            s.add_argument("--calibrate", nargs="?", const="content-free",
+                           choices=("content-free", "relative"),
                            help="offset the first token's Yes/No logits under each phrasing "
-                                "so a content-free prompt's yes-vs-no log-odds is 0 "
-                                "(contextual calibration: no labels used)")
+                                "by a content-free prompt's yes-vs-no log-odds (contextual "
+                                "calibration, no labels used): to 0 (content-free, the "
+                                "default) or to the serving instruction's (relative)")
         if what == "summarize":
             s.add_argument("--num-beams", type=int, default=1,
                            help="1 = greedy; more = beam search with that many beams")

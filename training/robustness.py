@@ -69,6 +69,7 @@ def phrased_prompt(prompt: str, phrasing: str) -> str:
 
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # stand-ins for the question and the passages
+CALIBRATIONS = (None, "content-free", "relative")  # rag eval robustness --calibrate
 
 
 def content_free_logodds(model, tok, phrasing: str, n_sources: int) -> float:
@@ -128,10 +129,15 @@ def spread(per_phrasing: dict) -> float:
 
 
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 8, split: str = "eval", calibrate: bool = False) -> dict:
-    """`calibrate`: under each phrasing, the first token's "Yes"/"No" logits are offset so
-    that a content-free prompt's yes-vs-no log-odds is 0 (content_free_logodds; no labels
-    used), i.e. what the wording alone adds is taken out of the decision."""
+                    batch_size: int = 8, split: str = "eval", calibrate: str | None = None
+                    ) -> dict:
+    """`calibrate` offsets the first token's "Yes"/"No" logits under each phrasing by what a
+    content-free prompt leans to (content_free_logodds; no labels used): "content-free" brings
+    that lean to 0 under every phrasing; "relative" to the serving instruction's own lean, so
+    only what a wording changes against the instruction the model was tuned on is taken out
+    (the serving answers stay as they are)."""
+    if calibrate not in CALIBRATIONS:
+        raise ValueError(f"calibrate={calibrate!r} is invalid: use one of {CALIBRATIONS}")
     from .instruct import prompt_fingerprint
     from .qa import decision_auc, decision_logodds
     from .tasks import generate_texts, models_to_compare, split_fields
@@ -146,21 +152,25 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
     for label, name, model, tok in models_to_compare(refs):
         items = robustness_items(cfg, tok, limit, split)
         golds = [g for _, g in items]
+        cf = {p: content_free_logodds(model, tok, p, cfg.n_sources)
+              for p in PHRASINGS} if calibrate else {}
+        offset = {p: c - (cf["serving"] if calibrate == "relative" else 0.0)
+                  for p, c in cf.items()}
         per = {}
         for p in PHRASINGS:
-            cf = content_free_logodds(model, tok, p, cfg.n_sources) if calibrate else None
             first: list = []
             answers = generate_texts(model, tok, [phrased_prompt(e.prompt, p) for e, _ in items],
                                      max_new_tokens, batch_size, desc=f"{label} {p}",
                                      first_logits=first,
-                                     first_step_bias=decision_bias(tok, cf) if calibrate else None)
+                                     first_step_bias=decision_bias(tok, offset[p])
+                                     if offset.get(p) else None)
             logodds = decision_logodds(tok, first)  # raw: before any calibration offset
             per[p] = phrasing_metrics(answers, golds) | {
                 "decision_auc": decision_auc(logodds, golds),
                 "rows": [{"id": e.group, "gold": g, "answer": a, "yes_no_logodds": round(x, 3)}
                          for (e, g), a, x in zip(items, answers, logodds)]}
             if calibrate:
-                per[p]["content_free_logodds"] = round(cf, 3)
+                per[p]["content_free_logodds"] = round(cf[p], 3)
         unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
         out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
                                 "unseen_mean_accuracy": sum(unseen) / len(unseen)}
@@ -174,7 +184,8 @@ def print_robustness(res: dict) -> None:
     print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
           f"accuracy per instruction phrasing (majority baseline "
           f"{res.get('majority_baseline', 0):.3f})"
-          + (", decisions calibrated on content-free prompts" if res.get("calibrate") else ""))
+          + (f", decisions calibrated on content-free prompts ({res['calibrate']})"
+             if res.get("calibrate") else ""))
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
     for label, m in res["models"].items():
