@@ -184,7 +184,7 @@ def print_robustness(res: dict) -> None:
     print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
           f"accuracy per instruction phrasing (majority baseline "
           f"{res.get('majority_baseline', 0):.3f})"
-          + (f", decisions calibrated on content-free prompts ({res['calibrate']})"
+          + (f", decisions calibrated ({res['calibrate']}: content-free prompts' lean)"
              if res.get("calibrate") else ""))
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
