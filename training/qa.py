@@ -149,10 +149,16 @@ def qa_metrics(answers: list[str], decisions: list[str], long_answers: list[str]
             "mean_words": mean(rows, "words"), "predicted": dict(Counter(preds))}
 
 
+def yes_no_ids(tok) -> tuple[int, int]:
+    """The first token of "Yes" and of "No": how a decision-first answer starts."""
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    return yes, no
+
+
 def decision_logodds(tok, first_logits: list) -> list[float]:
     """logit("Yes") - logit("No") (= log P("Yes") - log P("No")) of each answer's first token,
     the decision the QA target starts with, from the logits of the answer's own first step."""
-    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    yes, no = yes_no_ids(tok)
     return [float(x[yes] - x[no]) for x in first_logits]
 
 

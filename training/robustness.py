@@ -98,7 +98,9 @@ def content_free_logodds(model, tok, phrasing: str, n_sources: int) -> float:
 def decision_bias(tok, logodds: float) -> dict[int, float]:
     """First-step logit offsets for "Yes" and "No" that bring a content-free log-odds of
     `logodds` to 0 (half each way, so their joint weight against other tokens barely moves)."""
-    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    from .qa import yes_no_ids
+
+    yes, no = yes_no_ids(tok)
     return {yes: -logodds / 2, no: logodds / 2}
 
 
