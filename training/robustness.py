@@ -7,7 +7,8 @@ and once with each of the 5 phrasings kept out of training (augment.EVAL_INSTRUC
 phrasing: yes/no/maybe accuracy of the stated decision, the share of answers that state one in
 their first sentence, the share of "yes", and the yes-vs-no AUC of the first answer token's
 log-odds (from the generation's own first step). The spread is max - min accuracy over the 5
-unseen phrasings.
+unseen phrasings. `--calibrate [relative]` offsets the first answer token's Yes/No logits by
+each wording's lean on content-free prompts (contextual calibration; no labels used).
 
 `python -m training.robustness RESULT.json` prints a saved result's table again.
 
