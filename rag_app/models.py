@@ -262,8 +262,8 @@ class ModelRegistry:
 # -- merging an adapter into a standalone checkpoint
 
 def _check_new_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in BASE_ALIASES + (
-            "tuned",):
+    reserved = BASE_ALIASES + ("tuned",)
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in reserved:
         raise ValueError(f"name={name!r} is invalid: use letters, digits, '.', '_', '-' "
                          "(not 'base', 'default' or 'tuned')")
 
@@ -313,6 +313,7 @@ def merge_adapter(name: str, out: str | Path | None = None, new_name: str | None
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"could not load adapter {adapter!r} on {base!r}: {exc}") from exc
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -324,11 +324,12 @@ def test_first_step_bias_moves_the_first_token_only(causal_lm):
     import torch
 
     from training.policy import generate
+    from training.qa import yes_no_ids
 
     model, tokenizer, chat = causal_lm
     prompts = chat("Is aspirin an anticoagulant? Answer yes or no.",
                    "Does smoking raise the risk of lung cancer? Answer yes or no.")
-    yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    yes = yes_no_ids(tokenizer)[0]
     raw, biased = [], []
     plain = generate(model, tokenizer, prompts, 4, batch_size=2, first_logits=raw)
     forced = generate(model, tokenizer, prompts, 4, batch_size=2, first_logits=biased,
