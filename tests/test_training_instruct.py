@@ -247,6 +247,55 @@ def test_robustness_calibrated_on_content_free_prompts(tmp_path, capsys):
     assert decision_logodds(tok, list(logits))[0] + c == pytest.approx(0, abs=1e-6)
 
 
+def test_matched_offsets_equalise_the_yes_share_on_the_pool():
+    """Each wording's offset makes as many pool questions get "Yes" as under the serving
+    instruction (whose offset is 0), halfway between neighbouring pool values; all-yes and
+    all-no serving pools and mismatched pools are handled."""
+    from training.robustness import matched_offsets
+
+    pool = {"serving": [-1.0, 0.5, 2.0, 3.0], "unseen-1": [-2.0, -5.0, -3.0, -4.0],
+            "unseen-2": [9.0, 7.0, 8.0, 6.0]}
+    off = matched_offsets(pool)
+    assert off == {"serving": 0.0, "unseen-1": -4.5, "unseen-2": 6.5}
+    for p, xs in pool.items():
+        assert sum(x - off[p] > 0 for x in xs) == 3
+    assert matched_offsets({"serving": [1.0, 2.0], "a": [5.0, -1.0]})["a"] == -2.0
+    assert matched_offsets({"serving": [-1.0, -2.0], "a": [5.0, -1.0]})["a"] == 6.0
+    with pytest.raises(ValueError, match="same"):
+        matched_offsets({"serving": [1.0, 2.0], "a": [1.0]})
+
+
+def test_robustness_matched_on_unlabelled_training_questions(tokenizer, tmp_path, capsys):
+    """--calibrate matched reads each wording's lean on training-side questions only (never a
+    validation or held-out one), saves and prints the offsets and the raw pool shares, and
+    leaves the serving answers as an uncalibrated run gives them."""
+    from rag_app.cli import main
+    from rag_app.datasets import pubmedqa_heldout_pmids
+    from training.data import _val_bucket
+    from training.robustness import PHRASINGS, eval_robustness, pool_items
+
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct.yaml", [])
+    pool = pool_items(cfg, tokenizer, 6)
+    ids = {e.group for e in pool}
+    assert len(ids) == 6 and len({e.prompt for e in pool}) == 6
+    assert not ids & pubmedqa_heldout_pmids() and not any(_val_bucket(i, 0.1) for i in ids)
+    with pytest.raises(ValueError, match="pool"):
+        pool_items(cfg, tokenizer, 0)
+    out = tmp_path / "matched.json"
+    assert main(["eval", "robustness", "--calibrate", "matched", "--pool", "4", "--model",
+                 "base", "--limit", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    per = res["models"]["base"]["phrasings"]
+    assert res["calibrate"] == "matched" and res["pool"] == {"split": "train", "n": 4,
+                                                             "labels_used": False}
+    assert per["serving"]["offset"] == 0 and len({per[p]["offset"] for p in PHRASINGS}) > 1
+    assert all(per[p]["pool_yes_share"] in (0, 0.25, 0.5, 0.75, 1) for p in PHRASINGS)
+    printed = capsys.readouterr().out
+    assert "log-odds offset" in printed and "pool yes share" in printed
+    plain = eval_robustness(["base"], cfg, 2, 3)["models"]["base"]["phrasings"]
+    assert plain["serving"]["rows"] == per["serving"]["rows"]
+
+
 def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
     """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
     their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),

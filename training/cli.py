@@ -153,11 +153,16 @@ def add_eval_parsers(esub) -> None:
                             "validation slice (choose settings here)")
         if what == "robustness":
             s.add_argument("--calibrate", nargs="?", const="content-free",
-                           choices=("content-free", "relative"),
+                           choices=("content-free", "relative", "matched"),
                            help="offset the first token's Yes/No logits under each phrasing "
-                                "by a content-free prompt's yes-vs-no log-odds (contextual "
-                                "calibration, no labels used): to 0 (content-free, the "
-                                "default) or to the serving instruction's (relative)")
+                                "(no labels used) by a content-free prompt's yes-vs-no "
+                                "log-odds (contextual calibration): to 0 (content-free, the "
+                                "default) or to the serving instruction's (relative); or so "
+                                "that each phrasing says Yes to as many unlabelled "
+                                "training-side questions as the serving one (matched)")
+            s.add_argument("--pool", type=int, default=60,
+                           help="--calibrate matched: how many training-side questions "
+                                "(unlabelled) to match the phrasings on")
         if what == "summarize":
             s.add_argument("--num-beams", type=int, default=1,
                            help="1 = greedy; more = beam search with that many beams")
@@ -378,7 +383,7 @@ def run_eval(args) -> int:
         extra = {"num_beams": args.num_beams, "length_penalty": args.length_penalty,
                  "mbr": args.mbr} if args.what == "summarize" else {}
         if args.what == "robustness":
-            extra = {"calibrate": args.calibrate}
+            extra = {"calibrate": args.calibrate, "pool_size": args.pool}
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)

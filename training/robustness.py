@@ -8,7 +8,9 @@ phrasing: yes/no/maybe accuracy of the stated decision, the share of answers tha
 their first sentence, the share of "yes", and the yes-vs-no AUC of the first answer token's
 log-odds (from the generation's own first step). The spread is max - min accuracy over the 5
 unseen phrasings. `--calibrate [relative]` offsets the first answer token's Yes/No logits by
-each wording's lean on content-free prompts (contextual calibration; no labels used).
+each wording's lean on content-free prompts (contextual calibration; no labels used);
+`--calibrate matched` so that each wording says "Yes" to as many unlabelled training-side
+questions as the serving instruction does (`--pool N` of them).
 
 `python -m training.robustness RESULT.json` prints a saved result's table again.
 
@@ -40,10 +42,14 @@ def robustness_items(cfg: InstructConfig, tokenizer, limit: int = 0,
     """(RAFT example, gold decision): one per PubMedQA question of `split` (the gold passage
     always present), sorted by id. "eval" is the held-out fold; "val" the training side's
     validation slice, where settings are chosen."""
-    from .data import _pubmedqa_answers, instruction_examples, load_split
     from .tasks import check_eval_split
 
     check_eval_split(split)
+    return _raft_items(cfg, tokenizer, limit, split)
+
+
+def _raft_items(cfg: InstructConfig, tokenizer, limit: int, split: str) -> list[tuple]:
+    from .data import _pubmedqa_answers, instruction_examples, load_split
 
     records = _pubmedqa_answers()
     n_q = sum(q.qid in records for q in load_split(split, ("pubmedqa",)).queries)
@@ -70,7 +76,41 @@ def phrased_prompt(prompt: str, phrasing: str) -> str:
 
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # stand-ins for the question and the passages
-CALIBRATIONS = (None, "content-free", "relative")  # rag eval robustness --calibrate
+CALIBRATIONS = (None, "content-free", "relative", "matched")  # rag eval robustness --calibrate
+
+
+def pool_items(cfg: InstructConfig, tokenizer, n: int) -> list:
+    """The first `n` training-side PubMedQA questions (by id) as serving RAFT examples: the
+    UNLABELLED pool `--calibrate matched` reads each wording's lean on (never val or eval;
+    only their prompts are used)."""
+    if n < 1:
+        raise ValueError(f"calibration pool of {n} questions is invalid: use >= 1")
+    return [e for e, _ in _raft_items(cfg, tokenizer, n, "train")]
+
+
+def matched_offsets(pool: dict[str, list[float]]) -> dict[str, float]:
+    """Per phrasing, the yes-vs-no log-odds offset b that makes its share of "Yes" first
+    tokens (log-odds - b > 0) on the unlabelled pool equal the serving instruction's raw
+    share (b = 0 for serving): quantile matching of each wording's decisions to the
+    instruction the model was tuned on; b sits halfway between the two pool values it falls
+    between. No labels are used."""
+    serving = pool["serving"]
+    if not serving or any(len(v) != len(serving) for v in pool.values()):
+        raise ValueError("every phrasing needs log-odds on the same, non-empty pool")
+    n = len(serving)
+    n_no = n - sum(x > 0 for x in serving)  # how many of the pool serving answers "No" to
+    out = {}
+    for p, xs in pool.items():
+        xs = sorted(xs)
+        if p == "serving":
+            out[p] = 0.0
+        elif n_no == 0:
+            out[p] = xs[0] - 1.0
+        elif n_no == n:
+            out[p] = xs[-1] + 1.0
+        else:
+            out[p] = (xs[n_no - 1] + xs[n_no]) / 2
+    return out
 
 
 def content_free_logodds(model, tok, phrasing: str, n_sources: int) -> float:
@@ -132,13 +172,15 @@ def spread(per_phrasing: dict) -> float:
 
 
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 8, split: str = "eval", calibrate: str | None = None
-                    ) -> dict:
-    """`calibrate` offsets the first token's "Yes"/"No" logits under each phrasing by what a
-    content-free prompt leans to (content_free_logodds; no labels used): "content-free" brings
-    that lean to 0 under every phrasing; "relative" to the serving instruction's own lean, so
-    only what a wording changes against the instruction the model was tuned on is taken out
-    (the serving answers stay as they are)."""
+                    batch_size: int = 8, split: str = "eval", calibrate: str | None = None,
+                    pool_size: int = 60) -> dict:
+    """`calibrate` offsets the first token's "Yes"/"No" logits under each phrasing (no labels
+    used): by what a content-free prompt leans to (content_free_logodds), brought to 0 under
+    every phrasing ("content-free") or to the serving instruction's own lean ("relative": only
+    what a wording changes against the instruction the model was tuned on is taken out, the
+    serving answers stay as they are); "matched": by matched_offsets on `pool_size`
+    unlabelled training-side questions (pool_prompts), so every wording says "Yes" to as
+    many of them as the serving instruction does (serving answers unchanged too)."""
     if calibrate not in CALIBRATIONS:
         raise ValueError(f"calibrate={calibrate!r} is invalid: use one of {CALIBRATIONS}")
     from .instruct import prompt_fingerprint
@@ -156,9 +198,18 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
         items = robustness_items(cfg, tok, limit, split)
         golds = [g for _, g in items]
         cf = {p: content_free_logodds(model, tok, p, cfg.n_sources)
-              for p in PHRASINGS} if calibrate else {}
+              for p in PHRASINGS} if calibrate in ("content-free", "relative") else {}
         offset = {p: c - (cf["serving"] if calibrate == "relative" else 0.0)
                   for p, c in cf.items()}
+        pool: dict = {}
+        if calibrate == "matched":
+            prompts = [e.prompt for e in pool_items(cfg, tok, pool_size)]
+            for p in PHRASINGS:
+                first_pool: list = []
+                generate_texts(model, tok, [phrased_prompt(q, p) for q in prompts], 1,
+                               batch_size, desc=f"{label} pool {p}", first_logits=first_pool)
+                pool[p] = decision_logodds(tok, first_pool)
+            offset = matched_offsets(pool)
         per = {}
         for p in PHRASINGS:
             first: list = []
@@ -172,12 +223,17 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
                 "decision_auc": decision_auc(logodds, golds),
                 "rows": [{"id": e.group, "gold": g, "answer": a, "yes_no_logodds": round(x, 3)}
                          for (e, g), a, x in zip(items, answers, logodds)]}
-            if calibrate:
+            if cf:
                 per[p]["content_free_logodds"] = round(cf[p], 3)
+            if pool:
+                per[p] |= {"offset": round(offset[p], 3),
+                           "pool_yes_share": sum(x > 0 for x in pool[p]) / len(pool[p])}
         unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
         out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
                                 "unseen_mean_accuracy": sum(unseen) / len(unseen)}
         out["n"] = len(items)
+        if pool:
+            out["pool"] = {"split": "train", "n": len(pool["serving"]), "labels_used": False}
         out["majority_baseline"] = max(Counter(golds).values()) / max(len(golds), 1)
     print_robustness(out)
     return out
@@ -187,7 +243,10 @@ def print_robustness(res: dict) -> None:
     print(f"{res.get('n')} PubMedQA questions ({res.get('split', 'eval')} split), decision "
           f"accuracy per instruction phrasing (majority baseline "
           f"{res.get('majority_baseline', 0):.3f})"
-          + (f", decisions calibrated ({res['calibrate']}: content-free prompts' lean)"
+          + (f", decisions calibrated ({res['calibrate']}: "
+             + ("each wording's yes share on unlabelled training-side questions matched to "
+                "the serving one's" if res["calibrate"] == "matched"
+                else "content-free prompts' lean") + ")"
              if res.get("calibrate") else ""))
     print(f"{'model':24s} " + " ".join(f"{p:>9s}" for p in PHRASINGS)
           + f" {'spread':>7s} {'stated':>7s} {'yes':>6s}")
@@ -203,7 +262,12 @@ def print_robustness(res: dict) -> None:
             aucs = [per[p]["decision_auc"] for p in PHRASINGS]
             print(f"{'  AUC yes-vs-no':24s} " + " ".join(
                 f"{'-' if a is None else f'{a:.3f}':>9s}" for a in aucs))
-        if res.get("calibrate"):
+        if all("offset" in per[p] for p in PHRASINGS):
+            print(f"{'  pool yes share (raw)':24s} " + " ".join(
+                f"{per[p]['pool_yes_share']:9.3f}" for p in PHRASINGS))
+            print(f"{'  log-odds offset':24s} " + " ".join(
+                f"{per[p]['offset']:+9.3f}" for p in PHRASINGS))
+        if all("content_free_logodds" in per[p] for p in PHRASINGS):
             print(f"{'  content-free log-odds':24s} " + " ".join(
                 f"{per[p]['content_free_logodds']:+9.3f}" for p in PHRASINGS))
     print("spread = max - min accuracy over the 5 unseen phrasings; stated / yes = mean share "
