@@ -172,6 +172,26 @@ def test_robustness_phrasings_and_metrics(tokenizer):
     assert spread(per) == pytest.approx(0.2)  # the serving phrasing is not counted
 
 
+def test_spread_noise_tells_a_wording_lean_from_per_question_flips():
+    """Identical decisions under every wording: no spread, no flips. One wording that says yes
+    to everything: the spread (0.5) is far above what shuffling each question's outcomes among
+    the wordings gives, and 1 in 10 decisions differ from serving's on average."""
+    from training.robustness import PHRASINGS, spread_noise
+
+    gold = ["yes"] * 10 + ["no"] * 10
+    right = [{"gold": g, "answer": f"{g.capitalize()}. [1]"} for g in gold]
+    same = spread_noise({p: {"rows": right} for p in PHRASINGS})
+    assert same["ci95"] == [0.0, 0.0] and same["if_no_wording_effect"] == 0.0
+    assert same["flip_share"] == 0.0
+    lean = {p: {"rows": right} for p in PHRASINGS} | {
+        "unseen-5": {"rows": [{"gold": g, "answer": "Yes, it does."} for g in gold]}}
+    res = spread_noise(lean, seed=1)
+    assert 0.0 < res["if_no_wording_effect"] < res["ci95"][0] <= 0.5 <= res["ci95"][1]
+    assert res["flip_share"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="same"):
+        spread_noise(lean | {"unseen-2": {"rows": right[:3]}})
+
+
 def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
     from rag_app.cli import main
 
@@ -189,7 +209,8 @@ def test_robustness_and_curves_commands(tiny_run, tmp_path, capsys):
                    for v in m["phrasings"].values())
     printed = capsys.readouterr().out
     assert out.with_suffix(".png").is_file() and "spread" in printed
-    assert "AUC yes-vs-no" in printed
+    assert "AUC yes-vs-no" in printed and "with no wording effect" in printed
+    assert all(0 <= m["spread_noise"]["flip_share"] <= 1 for m in res["models"].values())
     yes = next(ln for ln in printed.splitlines() if ln.startswith("  share yes")).split()[2:]
     assert [float(v) for v in yes] == pytest.approx(
         [res["models"]["base"]["phrasings"][p]["yes_share"] for p in res["models"]["base"][

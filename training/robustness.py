@@ -10,7 +10,9 @@ log-odds (from the generation's own first step). The spread is max - min accurac
 unseen phrasings. `--calibrate [relative]` offsets the first answer token's Yes/No logits by
 each wording's lean on content-free prompts (contextual calibration; no labels used);
 `--calibrate matched` so that each wording says "Yes" to as many unlabelled training-side
-questions as the serving instruction does (`--pool N` of them).
+questions as the serving instruction does (`--pool N` of them). Each model's spread is also
+given with its bootstrap interval and the spread its per-question flips alone would make
+(spread_noise).
 
 `python -m training.robustness RESULT.json` prints a saved result's table again.
 
@@ -171,6 +173,36 @@ def spread(per_phrasing: dict) -> float:
     return max(accs) - min(accs) if accs else 0.0
 
 
+def spread_noise(per_phrasing: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """How much of the spread the questions alone make, from the saved rows (the same
+    questions under every wording). `ci95`: percentile bootstrap interval of the spread,
+    questions resampled. `if_no_wording_effect`: the mean spread when each question's five
+    right/wrong outcomes are shuffled among the five unseen wordings (a permutation null: the
+    same per-question flips, no wording better than another); a spread near it is flips, not
+    a lean that a per-wording offset could remove. `flip_share`: the mean share of questions
+    whose decision under an unseen wording differs from the serving one."""
+    import numpy as np
+
+    from rag_app.evaluate import yes_no_maybe
+
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    dec = {p: [yes_no_maybe(r["answer"]) for r in per_phrasing[p]["rows"]] for p in PHRASINGS}
+    gold = [r["gold"] for r in per_phrasing["serving"]["rows"]]
+    if not gold or any(len(d) != len(gold) for d in dec.values()):
+        raise ValueError("every phrasing needs rows for the same, non-empty questions")
+    ok = np.array([[d == g for d, g in zip(dec[p], gold)] for p in PHRASINGS[1:]], float)
+    rng = np.random.default_rng(seed)
+    boot = ok[:, rng.integers(0, len(gold), size=(resamples, len(gold)))].mean(2)
+    lo, hi = np.percentile(boot.max(0) - boot.min(0), [2.5, 97.5])
+    null = rng.permuted(np.broadcast_to(ok, (resamples,) + ok.shape), axis=1).mean(2)
+    flips = [sum(a != b for a, b in zip(dec[p], dec["serving"])) / len(gold)
+             for p in PHRASINGS[1:]]
+    return {"ci95": [float(lo), float(hi)],
+            "if_no_wording_effect": float((null.max(1) - null.min(1)).mean()),
+            "flip_share": sum(flips) / len(flips), "resamples": resamples, "seed": seed}
+
+
 def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_new_tokens: int = 16,
                     batch_size: int = 8, split: str = "eval", calibrate: str | None = None,
                     pool_size: int = 60) -> dict:
@@ -230,6 +262,7 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
                            "pool_yes_share": sum(x > 0 for x in pool[p]) / len(pool[p])}
         unseen = [per[p]["accuracy"] for p in PHRASINGS[1:]]
         out["models"][label] = {"model": name, "phrasings": per, "spread": spread(per),
+                                "spread_noise": spread_noise(per),
                                 "unseen_mean_accuracy": sum(unseen) / len(unseen)}
         out["n"] = len(items)
         if pool:
@@ -262,6 +295,11 @@ def print_robustness(res: dict) -> None:
             aucs = [per[p]["decision_auc"] for p in PHRASINGS]
             print(f"{'  AUC yes-vs-no':24s} " + " ".join(
                 f"{'-' if a is None else f'{a:.3f}':>9s}" for a in aucs))
+        noise = spread_noise(per) if all("rows" in per[p] for p in PHRASINGS) else None
+        if noise:
+            print(f"{'  spread 95% interval':24s} [{noise['ci95'][0]:.3f}, {noise['ci95'][1]:.3f}]"
+                  f"; with no wording effect ~{noise['if_no_wording_effect']:.3f}; decisions "
+                  f"differing from serving's: {noise['flip_share']:.3f}")
         if all("offset" in per[p] for p in PHRASINGS):
             print(f"{'  pool yes share (raw)':24s} " + " ".join(
                 f"{per[p]['pool_yes_share']:9.3f}" for p in PHRASINGS))
@@ -275,7 +313,9 @@ def print_robustness(res: dict) -> None:
           "per phrasing (a decision that follows the wording swings here); 'AUC yes-vs-no': how "
           "well the first answer token's yes-vs-no log-odds separate yes from no questions "
           "under that phrasing (0.5 = not at all): a steady AUC under a swinging share means "
-          "the wording moves the threshold, not the reading")
+          "the wording moves the threshold, not the reading; 'with no wording effect': the "
+          "mean spread if each question's outcomes were shuffled among the unseen wordings "
+          "(the per-question flips alone)")
 
 
 def plot_robustness(result: dict, path: str) -> None:
