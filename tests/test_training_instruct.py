@@ -317,6 +317,81 @@ def test_robustness_matched_on_unlabelled_training_questions(tokenizer, tmp_path
     assert plain["serving"]["rows"] == per["serving"]["rows"]
 
 
+def test_consistency_pairs_differ_only_in_the_instruction(tokenizer):
+    """Each example is followed by its twin: the same prompt under another TRAINING
+    instruction, the same completion; no evaluation phrasing is accepted; an example without
+    an instruction is paired with itself."""
+    from dataclasses import replace
+
+    from rag_app.prompts import ANSWER_INSTRUCTION
+    from training.augment import EVAL_INSTRUCTIONS, TRAIN_INSTRUCTIONS, consistency_pairs
+    from training.data import instruction_examples
+
+    exs = instruction_examples(tokenizer, 6, "train", ("pubmedqa", "medquad"), 0.5, 2, 1, 0.0,
+                               300, 30, 0)
+    bare = replace(exs[0], prompt="a prompt without the instruction")
+    pairs = consistency_pairs(exs + [bare], tokenizer, seed=3)
+    assert len(pairs) == 2 * (len(exs) + 1) and pairs[-1] is pairs[-2] is bare
+    wordings = (ANSWER_INSTRUCTION,) + TRAIN_INSTRUCTIONS
+    for e, t in zip(pairs[0:-2:2], pairs[1:-2:2]):
+        held = [w for w in wordings if w in e.prompt]
+        new = [w for w in wordings if w in t.prompt]
+        assert len(held) == len(new) == 1 and held != new and t.completion == e.completion
+        assert t.prompt.replace(new[0], held[0]) == e.prompt and t.augment.endswith("twin")
+        assert t.prompt_tokens == len(tokenizer(t.prompt, add_special_tokens=False)["input_ids"])
+    assert consistency_pairs(exs, tokenizer, max_length=exs[0].prompt_tokens) == []
+    with pytest.raises(ValueError, match="evaluation phrasing"):
+        consistency_pairs(exs, tokenizer, EVAL_INSTRUCTIONS[:1])
+    with pytest.raises(ValueError, match="even batch"):
+        load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
+                    ["consistency=1", "batch_size=3"])
+
+
+def test_pair_divergence_compares_the_answer_tokens_of_each_pair():
+    """Zero when the two rows give the same distributions at their answer tokens (whatever
+    the prompts' lengths), positive and differentiable when they differ, blind to prompt
+    positions."""
+    import torch
+
+    from training.instruct import pair_divergence
+
+    torch.manual_seed(0)
+    answer = torch.randn(3, 11)
+    logits = torch.randn(2, 8, 11)
+    logits[0, 3:6], logits[1, 4:7] = answer, answer  # row 1's prompt is one token longer
+    labels = torch.full((2, 8), -100)
+    labels[0, 4:7], labels[1, 5:8] = 1, 1
+    assert float(pair_divergence(logits, labels)) == pytest.approx(0, abs=1e-6)
+    logits[1, 0:3] += 5.0  # prompt positions do not count
+    assert float(pair_divergence(logits, labels)) == pytest.approx(0, abs=1e-6)
+    moved = logits.clone().requires_grad_()
+    with torch.no_grad():
+        moved[1, 5] += torch.randn(11)
+    div = pair_divergence(moved, labels)
+    div.backward()
+    assert float(div.detach()) > 0.01 and float(moved.grad.abs().sum()) > 0
+
+
+def test_consistency_training_runs_on_twin_pairs(tmp_path):
+    """A tiny instruct run with consistency > 0 trains on [example, twin] pairs, logs the
+    pair KL at every step, and saves an adapter."""
+    import json as _json
+    from pathlib import Path
+
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
+                      ["name=instruct-consistency-tiny", "consistency=1.0", "max_steps=4",
+                       "n_examples=4"])
+    res = run(cfg, output=str(tmp_path / "run"))
+    exs = res["examples"]
+    assert len(exs) == 8 and all(t.augment.endswith("twin") or t is e
+                                 for e, t in zip(exs[::2], exs[1::2]))
+    state = _json.loads(next((tmp_path / "run").glob("checkpoint-*/trainer_state.json"))
+                        .read_text())
+    kls = [h["pair_kl"] for h in state["log_history"] if "pair_kl" in h]
+    assert len(kls) == state["global_step"] >= 2 and min(kls) >= 0 and max(kls) > 0
+    assert (Path(res["entry"]["path"]) / "adapter_config.json").is_file()
+
+
 def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
     """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
     their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),

@@ -128,6 +128,37 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
     return out
 
 
+def consistency_pairs(examples: list, tokenizer, instructions: tuple[str, ...] = TRAIN_INSTRUCTIONS,
+                      seed: int = 0, max_length: int | None = None) -> list:
+    """[e0, t0, e1, t1, ...]: each example followed by its twin, the same prompt with another
+    instruction (one of the serving instruction and `instructions`, not the one it holds) and
+    the same completion, for a loss that pulls the two answers' distributions together
+    (`consistency` in the instruct recipe). An example without an instruction (no sources)
+    is paired with a copy of itself; a pair whose twin would not fit `max_length` is left out.
+    Only TRAINING phrasings are accepted."""
+    check_disjoint()
+    held = {_norm(x) for x in EVAL_INSTRUCTIONS}
+    if any(_norm(x) in held for x in instructions):
+        raise ValueError("an evaluation phrasing was passed for training: use TRAIN_* phrasings")
+    choices = (ANSWER_INSTRUCTION,) + tuple(i for i in instructions if i != ANSWER_INSTRUCTION)
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        held_now = [i for i in choices if e.prompt.count(i) == 1]
+        twin = e
+        if held_now:
+            new = rng.choice([i for i in choices if i != held_now[0]])
+            prompt = e.prompt.replace(held_now[0], new)
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            completion = len(tokenizer(e.completion, add_special_tokens=False)["input_ids"])
+            if max_length and n + completion > max_length:
+                continue
+            twin = replace(e, prompt=prompt, prompt_tokens=n,
+                           augment="+".join(filter(None, (e.augment, "twin"))))
+        out += [e, twin]
+    return out
+
+
 # Generator-made instruction paraphrases: a few-shot prompt (its example pair is none of the
 # instructions above), sampled, then kept only if it reads as an answer instruction.
 _PARAPHRASE_PROMPT = ('Paraphrase the sentence.\nSentence: "Answer the question using the text '

@@ -70,6 +70,10 @@ class InstructConfig(LoraSFTConfig):
     sampling: str = "random"  # random | curriculum | hard
     difficulty: str = "heuristic"  # heuristic | loss (base-model loss: one forward/example)
     hard_power: float = 1.0
+    # > 0: every example is followed by its twin under another instruction wording
+    # (augment.consistency_pairs) and this weight x the symmetric KL between the pair's
+    # answer-token distributions joins the loss (pair_divergence); batch_size must be even
+    consistency: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +84,9 @@ class InstructConfig(LoraSFTConfig):
             raise ValueError(f"difficulty={self.difficulty!r} is invalid: use heuristic or loss")
         if self.n_examples < 1 or self.lora_r < 1:
             raise ValueError("n_examples and lora_r must be >= 1")
+        if self.consistency < 0 or (self.consistency and self.batch_size % 2):
+            raise ValueError(f"consistency={self.consistency} with batch_size={self.batch_size} "
+                             "is invalid: use 0 (off), or > 0 with an even batch (whole pairs)")
         if self.generated_instructions < 0:
             raise ValueError(f"generated_instructions={self.generated_instructions} is invalid: "
                              "use 0 (the written paraphrases only) or more")
@@ -158,6 +165,50 @@ def lora_config(cfg: LoraSFTConfig, n_layers: int | None = None):
                       layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
 
 
+def pair_divergence(logits, labels):
+    """Mean over pairs (rows 2k, 2k+1) of the symmetric KL, per answer token, between the two
+    rows' next-token distributions at their supervised positions (labels != -100), aligned
+    from the answer's start (the shorter answer sets the length)."""
+    import torch
+
+    mask = labels[:, 1:] != -100
+    terms = []
+    for a in range(0, len(labels) - 1, 2):
+        la, lb = logits[a, :-1][mask[a]], logits[a + 1, :-1][mask[a + 1]]
+        m = min(len(la), len(lb))
+        if m:
+            pa = torch.log_softmax(la[:m].float(), -1)
+            pb = torch.log_softmax(lb[:m].float(), -1)
+            kl = (pa.exp() * (pa - pb)).sum(-1) + (pb.exp() * (pb - pa)).sum(-1)
+            terms.append(kl.mean() / 2)
+    return torch.stack(terms).mean() if terms else logits.sum() * 0.0
+
+
+def _consistency_trainer(base):
+    """An SFTTrainer (`base`) whose training loss adds `consistency` x pair_divergence to the
+    answer tokens' cross-entropy (the rows come in twin pairs: run() builds them, the sampler is
+    sequential and the batch even); evaluation keeps the plain loss."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    class ConsistencySFTTrainer(base):
+        consistency = 0.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not (self.consistency and model.training):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"},
+                            use_cache=False)
+            ce = ForCausalLMLoss(outputs.logits, labels, outputs.logits.size(-1),
+                                 num_items_in_batch=num_items_in_batch)
+            div = pair_divergence(outputs.logits, labels)
+            self._metrics["train"]["pair_kl"].append(float(div.detach()))
+            loss = ce + self.consistency * div
+            return (loss, outputs) if return_outputs else loss
+
+    return ConsistencySFTTrainer
+
+
 def make_trainer(cfg: LoraSFTConfig, model, tokenizer, train_examples: list,
                  val_examples: list, output: Path, progress: ProgressCallback):
     from trl import SFTConfig, SFTTrainer
@@ -170,11 +221,19 @@ def make_trainer(cfg: LoraSFTConfig, model, tokenizer, train_examples: list,
     sft = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True,
                     packing=False, dataset_num_proc=None,
                     label_smoothing_factor=cfg.label_smoothing)
-    return SFTTrainer(model=model, args=sft, processing_class=tokenizer,
-                      train_dataset=to_dataset(train_examples),
-                      eval_dataset=to_dataset(val_examples) if val_examples else None,
-                      peft_config=lora_config(cfg, getattr(model.config, "num_hidden_layers", None)),
-                      callbacks=[progress])
+    weight = getattr(cfg, "consistency", 0.0)
+    trainer = (_consistency_trainer(SFTTrainer) if weight else SFTTrainer)(
+        model=model, args=sft, processing_class=tokenizer,
+        train_dataset=to_dataset(train_examples),
+        eval_dataset=to_dataset(val_examples) if val_examples else None,
+        peft_config=lora_config(cfg, getattr(model.config, "num_hidden_layers", None)),
+        callbacks=[progress])
+    if weight:
+        if len(trainer.train_dataset) != len(train_examples):
+            raise ValueError("the trainer dropped training rows, which would split the "
+                             "consistency pairs: lower max_prompt_tokens or raise max_length")
+        trainer.consistency = weight
+    return trainer
 
 
 def prompt_fingerprint() -> dict:
@@ -227,6 +286,11 @@ def run(cfg: InstructConfig, output: str | None = None, progress_file: str | Non
         losses = base_model_losses(model, tokenizer, train, cfg.max_length) \
             if cfg.difficulty == "loss" else None
         train = order_examples(train, cfg.sampling, cfg.seed, losses, cfg.hard_power)
+        if cfg.consistency:
+            from .augment import TRAIN_INSTRUCTIONS, consistency_pairs
+
+            train = consistency_pairs(train, tokenizer, TRAIN_INSTRUCTIONS + tuple(extra),
+                                      cfg.seed, cfg.max_length)
         manifest = RunManifest("instruct", base, asdict(cfg), cfg.seed,
                                data={"train": describe_instructions(train),
                                      "val": describe_instructions(val),
