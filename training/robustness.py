@@ -211,7 +211,7 @@ def eval_robustness(refs: list[str], cfg: InstructConfig, limit: int = 0, max_ne
     every phrasing ("content-free") or to the serving instruction's own lean ("relative": only
     what a wording changes against the instruction the model was tuned on is taken out, the
     serving answers stay as they are); "matched": by matched_offsets on `pool_size`
-    unlabelled training-side questions (pool_prompts), so every wording says "Yes" to as
+    unlabelled training-side questions (pool_items), so every wording says "Yes" to as
     many of them as the serving instruction does (serving answers unchanged too)."""
     if calibrate not in CALIBRATIONS:
         raise ValueError(f"calibrate={calibrate!r} is invalid: use one of {CALIBRATIONS}")
