@@ -87,6 +87,14 @@ def with_instruction(prompt: str, instruction: str) -> str:
     return prompt.replace(ANSWER_INSTRUCTION, instruction)
 
 
+def check_training_phrasings(phrasings: tuple[str, ...]) -> None:
+    """check_disjoint(), and refuse any of `phrasings` that is an evaluation phrasing."""
+    check_disjoint()
+    held = {_norm(x) for x in EVAL_INSTRUCTIONS + EVAL_QUESTION_TEMPLATES}
+    if any(_norm(x) in held for x in phrasings):
+        raise ValueError("an evaluation phrasing was passed for training: use TRAIN_* phrasings")
+
+
 def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
                      max_prompt_tokens: int | None = None, seed: int = 0,
                      instructions: tuple[str, ...] = TRAIN_INSTRUCTIONS,
@@ -99,10 +107,7 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
         raise ValueError(f"augment_ratio={ratio!r} is invalid: use 0..1")
     if mode not in ("replace", "add"):
         raise ValueError(f"augment mode={mode!r} is invalid: use replace or add")
-    check_disjoint()
-    held = {_norm(x) for x in EVAL_INSTRUCTIONS + EVAL_QUESTION_TEMPLATES}
-    if any(_norm(x) in held for x in instructions + question_templates):
-        raise ValueError("an evaluation phrasing was passed for training: use TRAIN_* phrasings")
+    check_training_phrasings(instructions + question_templates)
     rng = random.Random(seed)
     idx = sorted(rng.sample(range(len(examples)), round(ratio * len(examples))))
     out = list(examples)
@@ -136,10 +141,7 @@ def consistency_pairs(examples: list, tokenizer, instructions: tuple[str, ...] =
     (`consistency` in the instruct recipe). An example without an instruction (no sources)
     is paired with a copy of itself; a pair whose twin would not fit `max_length` is left out.
     Only TRAINING phrasings are accepted."""
-    check_disjoint()
-    held = {_norm(x) for x in EVAL_INSTRUCTIONS}
-    if any(_norm(x) in held for x in instructions):
-        raise ValueError("an evaluation phrasing was passed for training: use TRAIN_* phrasings")
+    check_training_phrasings(instructions)
     choices = (ANSWER_INSTRUCTION,) + tuple(i for i in instructions if i != ANSWER_INSTRUCTION)
     rng = random.Random(seed)
     out = []

@@ -295,7 +295,8 @@ def print_robustness(res: dict) -> None:
             aucs = [per[p]["decision_auc"] for p in PHRASINGS]
             print(f"{'  AUC yes-vs-no':24s} " + " ".join(
                 f"{'-' if a is None else f'{a:.3f}':>9s}" for a in aucs))
-        noise = spread_noise(per) if all("rows" in per[p] for p in PHRASINGS) else None
+        noise = m.get("spread_noise") or (  # results saved before it: from their rows
+            spread_noise(per) if all("rows" in per[p] for p in PHRASINGS) else None)
         if noise:
             print(f"{'  spread 95% interval':24s} [{noise['ci95'][0]:.3f}, {noise['ci95'][1]:.3f}]"
                   f"; with no wording effect ~{noise['if_no_wording_effect']:.3f}; decisions "
