@@ -383,6 +383,14 @@ def test_same_text_blocks_score_every_token_once_and_the_same_characters_across_
         ids = b[0][:1] + [i for x in b for i in x[1:]]
         assert t.decode(ids, skip_special_tokens=True) == "".join(
             first_chars([v[:40] for v in val], 500))
+        import random
+
+        shuffled = list(val)
+        random.Random(3).shuffle(shuffled)  # --shuffle-docs 3: a random sample of documents
+        b = eval_blocks("domain-val", t, 64, 0, chars=3000, shuffle_docs=3)
+        ids = b[0][:1] + [i for x in b for i in x[1:]]
+        text = t.decode(ids, skip_special_tokens=True)
+        assert text == "".join(first_chars(shuffled, 3000)) != "".join(first_chars(val, 3000))
 
 
 def test_ignored_added_targets_leave_only_old_token_loss():

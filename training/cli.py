@@ -95,6 +95,9 @@ def add_eval_parsers(esub) -> None:
                    help="with or without --chars: only the first N characters of every "
                         "document, so the sample spans all documents (the leading ones of "
                         "domain-val are mostly MedQuAD)")
+    m.add_argument("--shuffle-docs", type=int, default=None, metavar="SEED",
+                   help="take the documents in a random order (this seed) before --chars: "
+                        "a random sample of whole documents within the budget")
     m.add_argument("--block-size", type=int, default=256)
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--objective", default="auto", choices=["auto", "clm", "mlm"])

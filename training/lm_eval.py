@@ -5,8 +5,9 @@ of a fixed, seeded 15% of the non-special tokens, all replaced by [MASK] (a dete
 "masked perplexity"). Bits per character (CLM) compare models with different tokenizers
 (vocabulary adaptation), where per-token perplexity does not.
 
-    rag eval lm --model base|tuned|NAME|PATH [--model ...] --text domain-heldout|domain-val|general|PATH
-        [--limit N] [--block-size 256] [--out results/lm.json]
+    rag eval lm --model base|tuned|NAME|PATH [--model ...]
+        --text domain-heldout|domain-val|general|PATH [--limit N] [--block-size 256]
+        [--chars N] [--doc-chars N] [--shuffle-docs SEED] [--out results/lm.json]
 """
 from __future__ import annotations
 
@@ -268,14 +269,18 @@ def first_chars(texts, n: int) -> list[str]:
 
 
 def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fraction: float = 0.05,
-                split_seed: int = 0, chars: int = 0, doc_chars: int = 0) -> list:
+                split_seed: int = 0, chars: int = 0, doc_chars: int = 0,
+                shuffle_docs: int | None = None) -> list:
     """Blocks of domain-heldout (the corpus's held-out documents), domain-val (the validation
     slice of its train side, for choosing hyper-parameters), general (held-out chapters of the
     general books) or a file (all of it). `limit` blocks of `block_size` TOKENS (0 = all); or,
     with `chars`, the first `chars` characters of the text in `text_blocks`: the same text
     whatever the tokenizer (for comparing bits per char across vocabularies). `doc_chars`
     takes only the first `doc_chars` characters of EVERY document (then the `chars` budget, if
-    any), so the sample spans all the documents and sources rather than the leading ones."""
+    any), so the sample spans all the documents and sources rather than the leading ones.
+    `shuffle_docs` (a seed) takes the documents in a random order first, so a `chars` budget
+    is a random sample of whole documents: an estimate of the whole text's figure
+    when scoring all of it costs too much."""
     from .lmdata import file_documents, pack, text_split, train_val_split
 
     if text == "domain-val":
@@ -286,6 +291,11 @@ def eval_blocks(text: str, tokenizer, block_size: int, limit: int, heldout_fract
         docs = held
     else:
         docs = file_documents(text)
+    if shuffle_docs is not None:
+        import random
+
+        docs = list(docs)
+        random.Random(shuffle_docs).shuffle(docs)
     if chars or doc_chars:
         texts = (d.text[:doc_chars] if doc_chars else d.text for d in docs)
         return text_blocks(first_chars(texts, chars) if chars else list(texts), tokenizer,
@@ -325,7 +335,7 @@ def run_eval_lm(args) -> dict:
     refs = args.model or ["base"]
     result: dict = {"text": args.text, "block_size": args.block_size, "limit": args.limit,
                     "chars": args.chars, "doc_chars": args.doc_chars,
-                    "split_seed": args.split_seed, "models": {}}
+                    "shuffle_docs": args.shuffle_docs, "split_seed": args.split_seed, "models": {}}
     words = None
     for ref in refs:
         label, _, r = ref.partition("=") if "=" in ref else (ref, "", ref)
@@ -333,7 +343,7 @@ def run_eval_lm(args) -> dict:
         model, tok, objective, info = load_lm(path, args.objective, adapter)
         blocks = eval_blocks(args.text, tok, args.block_size, args.limit,
                              args.heldout_fraction, args.split_seed, args.chars,
-                             args.doc_chars)
+                             args.doc_chars, args.shuffle_docs)
         m = perplexity(model, tok, blocks, objective, args.batch_size, seed=args.split_seed)
         if objective == "clm" and args.rare_terms and args.text != "general":
             if words is None:

@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
     rows = seed_rows(results, a.metric)
     s = summary(rows)
     print(f"{a.metric} on {results[0]['text']} (chars {results[0].get('chars')}, doc_chars "
-          f"{results[0].get('doc_chars')}), candidate - baseline per seed:")
+          f"{results[0].get('doc_chars')}, shuffle_docs {results[0].get('shuffle_docs')}), "
+          "candidate - baseline per seed:")
     for p, r in zip(a.results, rows):
         print(f"  {r['base']:14s} {r['base_value']:.4f}  {r['cand']:14s} {r['cand_value']:.4f}"
               f"  {r['diff']:+.4f}  ({Path(p).name})")
