@@ -548,6 +548,26 @@ def test_added_mass_is_the_added_rows_share_where_an_old_token_comes_next():
     assert added_mass(model, tok, [text], added)["mean_added_mass"] > m["mean_added_mass"]
 
 
+def test_calibration_and_token_attribution_measure_the_same_added_mass():
+    """The two computations of the added rows' share where an old token comes next agree on
+    the same ids: calibrate's (from cached hidden states and the old vocabulary's
+    log-sum-exp) and token_attribution.added_mass (from the model's own logits)."""
+    from training.calibrate import calibrate
+    from training.pretrain import added_token_ids
+    from training.token_attribution import added_mass
+
+    tok, model = _tiny_untied_llama()
+    add_terms(model, tok, [" glomerulonephritis", " pheochromocytoma"])
+    added = added_token_ids(tok)
+    texts = [" In glomerulonephritis the kidney fails, as it may in pheochromocytoma.",
+             " Blood pressure rises with pheochromocytoma; the kidney may fail too.",
+             " The kidney filters the blood."]
+    want = added_mass(model, tok, texts, set(added))["mean_added_mass"]
+    blocks = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    info = calibrate(model, tok, blocks, l2_grid=(1e-3,))
+    assert want > 0 and info["added_mass_before"] == pytest.approx(want, rel=1e-4)
+
+
 def test_calibration_fits_only_the_added_output_rows_and_lowers_the_loss_on_running_text():
     """training/calibrate.py: with the rows made to over-predict the added tokens, the convex
     fit on running text lowers its next-token loss and the added mass where an old token comes
