@@ -4,6 +4,7 @@ and, tied, output) is the mean of its old pieces; the saved tokenizer + model re
 generate; the result registers as a "base" with its lineage. Untied output embeddings get their
 own mean (tiny random model)."""
 import json
+import random
 
 import pytest
 import torch
@@ -372,25 +373,23 @@ def test_same_text_blocks_score_every_token_once_and_the_same_characters_across_
     from training.lmdata import text_split, train_val_split
 
     val = [d.text for d in train_val_split(text_split("domain")[0])[1]]
+    shuffled = list(val)
+    random.Random(3).shuffle(shuffled)  # --shuffle-docs 3: a random sample of documents
+
+    def text_of(blocks, t):  # overlapping blocks -> the text they score, once
+        return t.decode(blocks[0][:1] + [i for x in blocks for i in x[1:]],
+                        skip_special_tokens=True)
+
     for t in (old_tok, tok):
         b = eval_blocks("domain-val", t, 64, 0, chars=3000)
-        ids = b[0][:1] + [i for x in b for i in x[1:]]
-        assert t.decode(ids, skip_special_tokens=True) == "".join(first_chars(val, 3000))
+        assert text_of(b, t) == "".join(first_chars(val, 3000))
         b = eval_blocks("domain-val", t, 64, 0, doc_chars=40)  # every document's first 40
-        ids = b[0][:1] + [i for x in b for i in x[1:]]
-        assert t.decode(ids, skip_special_tokens=True) == "".join(v[:40] for v in val)
+        assert text_of(b, t) == "".join(v[:40] for v in val)
         b = eval_blocks("domain-val", t, 64, 0, chars=500, doc_chars=40)
-        ids = b[0][:1] + [i for x in b for i in x[1:]]
-        assert t.decode(ids, skip_special_tokens=True) == "".join(
-            first_chars([v[:40] for v in val], 500))
-        import random
-
-        shuffled = list(val)
-        random.Random(3).shuffle(shuffled)  # --shuffle-docs 3: a random sample of documents
+        assert text_of(b, t) == "".join(first_chars([v[:40] for v in val], 500))
         b = eval_blocks("domain-val", t, 64, 0, chars=3000, shuffle_docs=3)
-        ids = b[0][:1] + [i for x in b for i in x[1:]]
-        text = t.decode(ids, skip_special_tokens=True)
-        assert text == "".join(first_chars(shuffled, 3000)) != "".join(first_chars(val, 3000))
+        assert text_of(b, t) == "".join(first_chars(shuffled, 3000)) != "".join(
+            first_chars(val, 3000))
 
 
 def test_ignored_added_targets_leave_only_old_token_loss():
