@@ -431,3 +431,39 @@ def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer
     for bad in ("-0.1", "1.0"):
         with pytest.raises(ValueError, match="label_smoothing"):
             load_config(InstructConfig, "instruct.yaml", [f"label_smoothing={bad}"])
+
+
+def test_neftune_noises_the_embeddings_while_training_only(tokenizer, tmp_path):
+    """neftune_noise_alpha > 0 hands transformers' NEFTune the scale: the same first step on
+    the same batch and seed logs a different loss than alpha 0 (noised input embeddings),
+    and after training the embeddings are the plain lookup again; negative values are
+    refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rag_app.generate import ensure_base_checkpoint
+    from training.common import ProgressCallback
+    from training.data import instruction_examples
+    from training.instruct import make_trainer
+
+    examples = instruction_examples(tokenizer, 2, n_sources=1, max_prompt_tokens=120, seed=0)
+    first_loss = {}
+    for alpha in (0.0, 5.0):
+        cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
+                          [f"neftune_noise_alpha={alpha}", "max_steps=1", "save_steps=10"])
+        model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(),
+                                                     dtype=torch.float32)
+        trainer = make_trainer(cfg, model, tokenizer, examples, [], tmp_path / str(alpha),
+                               ProgressCallback(None))
+        assert trainer.args.neftune_noise_alpha == (alpha or None)
+        trainer.train()
+        first_loss[alpha] = trainer.state.log_history[0]["loss"]
+        embed = trainer.model.get_input_embeddings()
+        ids = torch.tensor([[1, 2, 3, 4]])
+        trainer.model.train()
+        with torch.no_grad():
+            assert torch.equal(embed(ids), embed.weight[ids])
+    assert first_loss[0.0] != first_loss[5.0]
+    assert abs(first_loss[0.0] - first_loss[5.0]) < 1.0  # noise, not a different model
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        load_config(InstructConfig, "instruct.yaml", ["neftune_noise_alpha=-1"])

@@ -43,12 +43,17 @@ class LoraSFTConfig(TrainConfig):
     # (transformers' LabelSmoother, as in BART's summarisation recipes). TRL 1.16 then spends
     # one more no-grad forward per step on its token metrics, and warns that it will drop
     # label_smoothing_factor in TRL 2.0
+    neftune_noise_alpha: float = 0.0  # > 0: NEFTune (Jain et al. 2023), transformers' uniform
+    # noise of scale alpha / sqrt(length x width) on the input embeddings while training only
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing!r} is invalid: use 0 (off) "
                              "up to below 1 (e.g. 0.1)")
+        if self.neftune_noise_alpha < 0:
+            raise ValueError(f"neftune_noise_alpha={self.neftune_noise_alpha!r} is invalid: use 0 "
+                             "(off) or a positive scale (the NEFTune paper uses 5 to 15)")
 
 
 @dataclass
@@ -220,7 +225,8 @@ def make_trainer(cfg: LoraSFTConfig, model, tokenizer, train_examples: list,
                 gradient_checkpointing=cfg.gradient_checkpointing)
     sft = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True,
                     packing=False, dataset_num_proc=None,
-                    label_smoothing_factor=cfg.label_smoothing)
+                    label_smoothing_factor=cfg.label_smoothing,
+                    neftune_noise_alpha=cfg.neftune_noise_alpha or None)
     weight = getattr(cfg, "consistency", 0.0)
     trainer = (_consistency_trainer(SFTTrainer) if weight else SFTTrainer)(
         model=model, args=sft, processing_class=tokenizer,
