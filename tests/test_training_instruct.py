@@ -392,27 +392,33 @@ def test_consistency_training_runs_on_twin_pairs(tmp_path):
     assert (Path(res["entry"]["path"]) / "adapter_config.json").is_file()
 
 
-def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
-    """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
-    their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),
-    on the same batch; out-of-range values are refused."""
+def _trainer_on(tokenizer, examples, out, overrides):
+    """A fresh packaged model in make_trainer, on instruct-tiny.yaml + `overrides`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rag_app.generate import ensure_base_checkpoint
     from training.common import ProgressCallback
-    from training.data import instruction_examples
     from training.instruct import make_trainer
+
+    cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml", overrides)
+    model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(), dtype=torch.float32)
+    return make_trainer(cfg, model, tokenizer, examples, [], out, ProgressCallback(None))
+
+
+def test_label_smoothing_mixes_the_uniform_cross_entropy_into_the_loss(tokenizer, tmp_path):
+    """label_smoothing=eps makes the trainer's loss (1 - eps) x the answer tokens' NLL + eps x
+    their mean cross-entropy against the uniform distribution (transformers' LabelSmoother),
+    on the same batch; out-of-range values are refused."""
+    import torch
+
+    from training.data import instruction_examples
 
     examples = instruction_examples(tokenizer, 4, n_sources=1, max_prompt_tokens=120, seed=0)
     losses, manual = {}, None
     for eps in (0.0, 0.1):
-        cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
-                          [f"label_smoothing={eps}"])
-        model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(),
-                                                     dtype=torch.float32)
-        trainer = make_trainer(cfg, model, tokenizer, examples, [], tmp_path / str(eps),
-                               ProgressCallback(None))
+        trainer = _trainer_on(tokenizer, examples, tmp_path / str(eps),
+                              [f"label_smoothing={eps}"])
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.eval()
         with torch.no_grad():
@@ -439,22 +445,14 @@ def test_neftune_noises_the_embeddings_while_training_only(tokenizer, tmp_path):
     and after training the embeddings are the plain lookup again; negative values are
     refused."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from rag_app.generate import ensure_base_checkpoint
-    from training.common import ProgressCallback
     from training.data import instruction_examples
-    from training.instruct import make_trainer
 
     examples = instruction_examples(tokenizer, 2, n_sources=1, max_prompt_tokens=120, seed=0)
     first_loss = {}
     for alpha in (0.0, 5.0):
-        cfg = load_config(InstructConfig, RECIPES_DIR / "instruct-tiny.yaml",
-                          [f"neftune_noise_alpha={alpha}", "max_steps=1", "save_steps=10"])
-        model = AutoModelForCausalLM.from_pretrained(ensure_base_checkpoint(),
-                                                     dtype=torch.float32)
-        trainer = make_trainer(cfg, model, tokenizer, examples, [], tmp_path / str(alpha),
-                               ProgressCallback(None))
+        trainer = _trainer_on(tokenizer, examples, tmp_path / str(alpha),
+                              [f"neftune_noise_alpha={alpha}", "max_steps=1", "save_steps=10"])
         assert trainer.args.neftune_noise_alpha == (alpha or None)
         trainer.train()
         first_loss[alpha] = trainer.state.log_history[0]["loss"]
