@@ -5,8 +5,8 @@ import pytest
 from rag_app.prompts import ANSWER_INSTRUCTION
 from training.augment import (EVAL_INSTRUCTIONS, EVAL_QUESTION_TEMPLATES, TRAIN_INSTRUCTIONS,
                               TRAIN_QUESTION_TEMPLATES, _norm, augment_examples, check_disjoint,
-                              clean_question, generated_instructions, paraphrase_question,
-                              usable_instruction, with_instruction)
+                              clean_question, generated_instructions, noise_instructions,
+                              paraphrase_question, usable_instruction, with_instruction)
 
 
 def test_eval_phrasings_disjoint_from_training():
@@ -42,6 +42,30 @@ def test_augment_ratio_and_refuses_eval_phrasings(tiny_examples, tokenizer):
     assert len(added) == len(tiny_examples) + round(0.5 * len(tiny_examples))
     with pytest.raises(ValueError, match="evaluation phrasing"):
         augment_examples(tiny_examples, tokenizer, 0.5, instructions=EVAL_INSTRUCTIONS[:1])
+
+
+def test_instruction_noise_empties_or_replaces_only_the_instruction(tiny_examples, tokenizer):
+    exs = augment_examples(tiny_examples, tokenizer, ratio=0.5, max_prompt_tokens=240, seed=1)
+    noised = noise_instructions(exs, tokenizer, share=0.5, seed=3, max_prompt_tokens=240)
+    held = [i for i, e in enumerate(exs) if e.sources]
+    changed = [i for i in range(len(exs)) if noised[i] is not exs[i]]
+    assert set(changed) <= set(held) and len(changed) == round(0.5 * len(held)) > 1
+    tags = [noised[i].augment.split("+")[-1] for i in changed]
+    assert {"drop", "prose"} == set(tags)
+    for i in changed:
+        old, new = exs[i], noised[i]
+        assert new.completion == old.completion and new.question == old.question
+        assert not any(x in new.prompt for x in TRAIN_INSTRUCTIONS + (ANSWER_INSTRUCTION,))
+        head = new.prompt.split(f"Question: {old.question}")
+        assert len(head) == 2 and old.prompt.startswith(head[0])
+        slot = head[1].split("<|im_end|>")[0]
+        assert (slot == "") if new.augment.endswith("drop") else \
+            (slot.startswith("\n\n") and len(slot.split()) >= 6 and "source" not in slot)
+    assert [e.prompt for e in noise_instructions(exs, tokenizer, 0.5, 3, 240)] == \
+        [e.prompt for e in noised]
+    assert noise_instructions(exs, tokenizer, 0.0) == exs
+    with pytest.raises(ValueError, match="instruction_noise"):
+        noise_instructions(exs, tokenizer, 1.5)
 
 
 def test_usable_instruction_keeps_instructions_only():

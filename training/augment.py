@@ -133,6 +133,52 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
     return out
 
 
+def noise_sentences(n: int, seed: int = 0, min_words: int = 6, max_words: int = 30) -> list[str]:
+    """`n` sentences of running prose from the general-domain books (../shared/data/general):
+    text that is no answer instruction, for `noise_instructions`. Seeded."""
+    from .lmdata import general_documents
+
+    pool = []
+    for doc in general_documents():
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.text.split())):
+            if min_words <= len(s.split()) <= max_words and s[:1].isupper() \
+                    and not re.search(r'["\u201c\u201d\[\]]|\b(Mrs?|Dr|St)\.$', s):
+                pool.append(s)
+    if len(pool) < n:
+        raise ValueError(f"the general-domain books hold {len(pool)} usable sentences; "
+                         f"{n} are needed")
+    return random.Random(seed).sample(pool, n)
+
+
+def noise_instructions(examples: list, tokenizer, share: float, seed: int = 0,
+                       max_prompt_tokens: int | None = None) -> list:
+    """Instruction noise: in a `share` of the examples that carry an answer instruction, the
+    instruction slot (after the question) is emptied (half of them) or holds a sentence of
+    unrelated prose (the other half), with the completion unchanged, so that the answer's
+    form and decision come from the question and sources, not from the wording of that slot.
+    The question (paraphrased or not) is kept. A new list; the others are the same objects."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"instruction_noise={share!r} is invalid: use 0..1")
+    rng = random.Random(seed + 7)
+    held = [i for i, e in enumerate(examples) if e.sources]
+    idx = sorted(rng.sample(held, round(share * len(held))))
+    prose = noise_sentences(len(idx), seed) if idx else []
+    out = list(examples)
+    for k, i in enumerate(idx):
+        ex = examples[i]
+        prompt = render_prompt(tokenizer, ex.question, ex.sources, max_prompt_tokens)
+        if prompt.count(ANSWER_INSTRUCTION) != 1:
+            continue
+        drop = k % 2 == 0
+        prompt = prompt.replace("\n\n" + ANSWER_INSTRUCTION, "") if drop else \
+            with_instruction(prompt, prose[k])
+        tag = "drop" if drop else "prose"
+        out[i] = replace(ex, prompt=prompt, augment="+".join(filter(None, (ex.augment, tag))),
+                         prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)
+                                           ["input_ids"]))
+    return out
+
+
 def consistency_pairs(examples: list, tokenizer, instructions: tuple[str, ...] = TRAIN_INSTRUCTIONS,
                       seed: int = 0, max_length: int | None = None) -> list:
     """[e0, t0, e1, t1, ...]: each example followed by its twin, the same prompt with another

@@ -72,6 +72,9 @@ class InstructConfig(LoraSFTConfig):
     augment_ratio: float = 0.3
     augment_mode: str = "replace"  # replace | add
     generated_instructions: int = 0  # > 0: the base model paraphrases this many more instructions
+    # share of the training examples whose instruction slot is emptied or holds unrelated prose
+    # (augment.noise_instructions), applied after the paraphrases; 0 = off
+    instruction_noise: float = 0.0
     sampling: str = "random"  # random | curriculum | hard
     difficulty: str = "heuristic"  # heuristic | loss (base-model loss: one forward/example)
     hard_power: float = 1.0
@@ -92,6 +95,8 @@ class InstructConfig(LoraSFTConfig):
         if self.consistency < 0 or (self.consistency and self.batch_size % 2):
             raise ValueError(f"consistency={self.consistency} with batch_size={self.batch_size} "
                              "is invalid: use 0 (off), or > 0 with an even batch (whole pairs)")
+        if not 0 <= self.instruction_noise <= 1:
+            raise ValueError(f"instruction_noise={self.instruction_noise} is invalid: use 0..1")
         if self.generated_instructions < 0:
             raise ValueError(f"generated_instructions={self.generated_instructions} is invalid: "
                              "use 0 (the written paraphrases only) or more")
@@ -131,7 +136,7 @@ def build_examples(cfg: InstructConfig, tokenizer, split: str = "train", n: int 
                    augment: bool = True, extra_instructions: tuple[str, ...] = ()) -> list:
     """Examples of `split`, each fitting max_length (the answer is cut, never the EOS).
     `extra_instructions` join TRAIN_INSTRUCTIONS as paraphrases the augmentation draws from."""
-    from .augment import TRAIN_INSTRUCTIONS, augment_examples
+    from .augment import TRAIN_INSTRUCTIONS, augment_examples, noise_instructions
     from .data import instruction_examples
 
     n = cfg.n_examples if n is None else n
@@ -143,6 +148,9 @@ def build_examples(cfg: InstructConfig, tokenizer, split: str = "train", n: int 
         exs = augment_examples(exs, tokenizer, cfg.augment_ratio, cfg.max_prompt_tokens,
                                cfg.seed, TRAIN_INSTRUCTIONS + tuple(extra_instructions),
                                mode=cfg.augment_mode)
+    if augment and cfg.instruction_noise > 0:
+        exs = noise_instructions(exs, tokenizer, cfg.instruction_noise, cfg.seed,
+                                 cfg.max_prompt_tokens)
     for e in exs:
         room = cfg.max_length - e.prompt_tokens - 1
         ids = tokenizer(e.answer, add_special_tokens=False)["input_ids"]
