@@ -103,6 +103,8 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
     """Paraphrase a `ratio` share of the examples (instruction, question or both, chosen at
     random). mode="replace" rewrites them in place (same count); "add" appends the rewrites as
     extra examples. Only the TRAINING phrasings are accepted here."""
+    from .tasks import n_tokens
+
     if not 0 <= ratio <= 1:
         raise ValueError(f"augment_ratio={ratio!r} is invalid: use 0..1")
     if mode not in ("replace", "add"):
@@ -125,7 +127,7 @@ def augment_examples(examples: list, tokenizer, ratio: float = 0.3,
             prompt = with_instruction(prompt, instr)
             tags.append(f"i{instructions.index(instr)}")
         new = replace(ex, question=question, prompt=prompt, augment="+".join(tags),
-                      prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+                      prompt_tokens=n_tokens(tokenizer, prompt))
         if mode == "replace":
             out[i] = new
         else:
@@ -157,6 +159,8 @@ def noise_instructions(examples: list, tokenizer, share: float, seed: int = 0,
     unrelated prose (the other half), with the completion unchanged, so that the answer's
     form and decision come from the question and sources, not from the wording of that slot.
     The question (paraphrased or not) is kept. A new list; the others are the same objects."""
+    from .tasks import n_tokens
+
     if not 0 <= share <= 1:
         raise ValueError(f"instruction_noise={share!r} is invalid: use 0..1")
     rng = random.Random(seed + 7)
@@ -174,8 +178,7 @@ def noise_instructions(examples: list, tokenizer, share: float, seed: int = 0,
             with_instruction(prompt, prose[k])
         tag = "drop" if drop else "prose"
         out[i] = replace(ex, prompt=prompt, augment="+".join(filter(None, (ex.augment, tag))),
-                         prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)
-                                           ["input_ids"]))
+                         prompt_tokens=n_tokens(tokenizer, prompt))
     return out
 
 
@@ -187,6 +190,8 @@ def consistency_pairs(examples: list, tokenizer, instructions: tuple[str, ...] =
     (`consistency` in the instruct recipe). An example without an instruction (no sources)
     is paired with a copy of itself; a pair whose twin would not fit `max_length` is left out.
     Only TRAINING phrasings are accepted."""
+    from .tasks import n_tokens
+
     check_training_phrasings(instructions)
     choices = (ANSWER_INSTRUCTION,) + tuple(i for i in instructions if i != ANSWER_INSTRUCTION)
     rng = random.Random(seed)
@@ -197,8 +202,8 @@ def consistency_pairs(examples: list, tokenizer, instructions: tuple[str, ...] =
         if held_now:
             new = rng.choice([i for i in choices if i != held_now[0]])
             prompt = e.prompt.replace(held_now[0], new)
-            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            completion = len(tokenizer(e.completion, add_special_tokens=False)["input_ids"])
+            n = n_tokens(tokenizer, prompt)
+            completion = n_tokens(tokenizer, e.completion)
             if max_length and n + completion > max_length:
                 continue
             twin = replace(e, prompt=prompt, prompt_tokens=n,
