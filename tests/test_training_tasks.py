@@ -94,6 +94,37 @@ def test_reloads_via_registry_and_changes_output(tiny_runs, kind):
     assert float((last["base"] - last[f"{kind}-tiny"]).abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize("kind", ["summarize", "qa"])
+def test_validation_scoring_refuses_a_model_that_trained_on_it(tiny_runs, tmp_path, kind):
+    """A final fit on the whole training side (val_fraction 0) cannot be scored on --split
+    val: refused, naming the model, before anything loads; the held-out fold still takes it,
+    and a model that kept the slice aside passes the check."""
+    import shutil
+
+    from training.qa import eval_qa_gold
+    from training.summarize import eval_summarize
+    from training.tasks import trained_on_val
+
+    cfg, res, _ = tiny_runs[kind]
+    kept = res["entry"]["path"]
+    full = tmp_path / f"{kind}-full-fit"
+    shutil.copytree(kept, full)
+    man = json.loads((full / "manifest.json").read_text())
+    man["config"]["val_fraction"] = 0.0
+    (full / "manifest.json").write_text(json.dumps(man))
+    assert trained_on_val(str(full), kind, cfg.val_fraction)
+    assert not trained_on_val(kept, kind, cfg.val_fraction)
+    assert not trained_on_val(str(full), "qa" if kind == "summarize" else "summarize",
+                              cfg.val_fraction)  # another task's slice is not this one
+    assert not trained_on_val(None, kind, cfg.val_fraction)
+    run_eval = eval_summarize if kind == "summarize" else eval_qa_gold
+    with pytest.raises(ValueError, match=f"{kind}-full-fit was trained on the {kind} "
+                                         "validation slice.*--split eval"):
+        run_eval([kept, str(full)], cfg, limit=1, max_new_tokens=2, split="val")
+    res_eval = run_eval([f"full={full}"], cfg, limit=1, max_new_tokens=2, split="eval")
+    assert res_eval["n"] == 1 and "full" in res_eval["models"]
+
+
 def test_resume_continues_from_the_checkpoint(tiny_runs):
     from training.summarize import run
 

@@ -187,7 +187,8 @@ def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens:
                  "prompt": prompt_fingerprint(("qa",)), "models": {}}
     for label, name, items, answers, logodds in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
-            batch_size, score=decision_logodds):
+            batch_size, score=decision_logodds,
+            val_check=("qa", cfg.val_fraction) if split == "val" else None):
         gold = [e.label for e in items]
         m = qa_metrics(answers, gold, [e.reference for e in items], majority) | {
             "model": name, "decision_auc": decision_auc(logodds, gold)}

@@ -147,7 +147,8 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
                  "prompt": prompt_fingerprint(("question-summary",)), "models": {}}
     for label, name, items, preds, _ in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
-            batch_size, num_beams=num_beams, length_penalty=length_penalty, mbr=mbr):
+            batch_size, num_beams=num_beams, length_penalty=length_penalty, mbr=mbr,
+            val_check=("summarize", cfg.val_fraction) if split == "val" else None):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
                      for e, p in zip(items, preds)]

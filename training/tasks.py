@@ -170,9 +170,27 @@ def run_task(training_type: str, cfg: TaskConfig,
 
 
 # ---------- evaluation ----------
-def models_to_compare(refs: list[str]):
+def trained_on_val(path: str | None, task: str, val_fraction: float) -> bool:
+    """Whether the model folder `path`, tuned for `task` (its manifest says so), saw rows of
+    the validation slice that `val_fraction` defines: its recipe kept a smaller slice aside
+    (0 = none, a final fit on the whole training side). is_val's slices are nested, so a
+    larger or equal fraction kept every one of these rows out."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(path) / "manifest.json" if path else None
+    if manifest is None or not manifest.is_file():
+        return False
+    man = json.loads(manifest.read_text())
+    kept = (man.get("config") or {}).get("val_fraction")
+    return man.get("training_type") == task and kept is not None and float(kept) < val_fraction
+
+
+def models_to_compare(refs: list[str], val_check: tuple[str, float] | None = None):
     """Yield (label, display name, model, tokenizer) for each `--model` ref: base | tuned |
-    registered generator name | path, optionally LABEL=REF; one model in memory at a time."""
+    registered generator name | path, optionally LABEL=REF; one model in memory at a time.
+    `val_check` = (task, val_fraction) when scoring the validation slice: a model of that task
+    that trained on it is refused before anything loads (its figures would be inflated)."""
     from rag_app.models import ModelRegistry
 
     from .policy import load_causal
@@ -182,9 +200,14 @@ def models_to_compare(refs: list[str]):
     labels = [r.partition("=")[0] if "=" in r else r for r in refs]
     if len(set(labels)) < len(labels):
         raise ValueError(f"--model labels {labels} repeat: give each a LABEL=REF")
-    for ref, label in zip(refs, labels):
-        r = ref.partition("=")[2] if "=" in ref else ref
-        base, adapter, name = ModelRegistry().resolve_generator(r)
+    resolved = [ModelRegistry().resolve_generator(ref.partition("=")[2] if "=" in ref else ref)
+                for ref in refs]
+    for base, adapter, name in resolved:
+        if val_check and any(trained_on_val(p, *val_check) for p in (adapter, base)):
+            raise ValueError(f"{name} was trained on the {val_check[0]} validation slice "
+                             f"(its recipe kept val_fraction < {val_check[1]:g} aside): score "
+                             f"it on the held-out fold (--split eval), not on --split val")
+    for (base, adapter, name), label in zip(resolved, labels):
         model, tok = load_causal(base, adapter)
         yield label, name, model, tok
         del model
@@ -226,13 +249,14 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
 
 def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
                      score=None, num_beams: int = 1, length_penalty: float = 1.0,
-                     mbr: bool = False):
+                     mbr: bool = False, val_check: tuple[str, float] | None = None):
     """Yield (label, display name, items, generated texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
     `limit` of them (0 = all); scores = score(tokenizer, first-step logits of each answer)
     (None without one); `num_beams` > 1 decodes by beam search instead of greedily, with
-    `length_penalty` (policy.generate), keeping the consensus beam if `mbr`."""
-    for label, name, model, tok in models_to_compare(refs):
+    `length_penalty` (policy.generate), keeping the consensus beam if `mbr`; `val_check`:
+    models_to_compare's."""
+    for label, name, model, tok in models_to_compare(refs, val_check):
         items = build(tok)
         items = items[:limit] if limit else items
         first: list = []
