@@ -11,10 +11,12 @@ evaluation helpers here (greedy batched generation with left padding, a tqdm bar
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .common import RunManifest, start_run
 from .instruct import LoraSFTConfig, load_base, resolve_base_generator, train_and_register
@@ -175,9 +177,6 @@ def trained_on_val(path: str | None, task: str, val_fraction: float) -> bool:
     the validation slice that `val_fraction` defines: its recipe kept a smaller slice aside
     (0 = none, a final fit on the whole training side). is_val's slices are nested, so a
     larger or equal fraction kept every one of these rows out."""
-    import json
-    from pathlib import Path
-
     manifest = Path(path) / "manifest.json" if path else None
     if manifest is None or not manifest.is_file():
         return False
