@@ -17,6 +17,8 @@
         [--length-penalty L] [--mbr] [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
+    rag eval decision-probe --model base [--model HF_ID|PATH] [--folds 5] [--layers 8,15]
+        [--out results/X.json]
 """
 from __future__ import annotations
 
@@ -132,6 +134,22 @@ def add_eval_parsers(esub) -> None:
     c.add_argument("--model", action="append", default=[],
                    help="registered run name (repeatable; NAME=REF to label)")
     c.add_argument("--out", help="write JSON here (+ a .png plot)")
+    d = esub.add_parser("decision-probe", help="pretrained generators: cross-validated "
+                        "linear probes of PubMedQA's yes/no/maybe on the training side (is "
+                        "the decision signal there to learn?)")
+    d.add_argument("--model", action="append", default=[],
+                   help="base | Hugging Face id | path, not a model tuned here (repeatable; "
+                        "NAME=REF to label); none: the text-only probe alone")
+    d.add_argument("--folds", type=int, default=5)
+    d.add_argument("--layers", default="",
+                   help="comma-separated layer numbers (default: a quarter, half, three "
+                        "quarters and all of the model's depth)")
+    d.add_argument("--limit", type=int, default=0, help="first N training-side rows (0 = all)")
+    d.add_argument("--C", type=float, default=1.0,
+                   help="inverse L2 strength of every probe (scikit-learn's C; fixed, not tuned)")
+    d.add_argument("--recipe", default="qa.yaml", help="split and prompt settings")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--out", help="write JSON here (+ a .png plot)")
     for what, recipe, tokens, about in (
             ("summarize", "summarize.yaml", 48,
              "generators: ROUGE-1/2/L of greedy summaries of the held-out MeQSum questions"),
@@ -390,6 +408,17 @@ def run_eval(args) -> int:
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)
+        return 0
+    if args.what == "decision-probe":
+        from .common import load_config
+        from .decision_probe import eval_decision_probe, plot_probe
+        from .qa import QAConfig
+
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] or None
+        _save(args.out, eval_decision_probe(args.model, load_config(QAConfig, args.recipe,
+                                                                    args.set),
+                                            args.limit, args.folds, layers, args.C),
+              plot_probe)
         return 0
     if args.what == "choose-weight":
         from .relevance import choose_weight, print_weight_choice
