@@ -17,6 +17,8 @@
         [--length-penalty L] [--mbr] [--out results/X.json]
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
+    rag eval grounding --model base --model NAME [--split val] [--n 80] [--n-sources K]
+        [--out results/X.json]
     rag eval decision-probe --model base [--model HF_ID|PATH] [--folds 5] [--layers 8,15]
         [--out results/X.json]
 """
@@ -134,6 +136,22 @@ def add_eval_parsers(esub) -> None:
     c.add_argument("--model", action="append", default=[],
                    help="registered run name (repeatable; NAME=REF to label)")
     c.add_argument("--out", help="write JSON here (+ a .png plot)")
+    g = esub.add_parser("grounding", help="generators: held-out RAFT prompts, half without the "
+                        "gold passage: says so when the evidence is absent, over-refusal when "
+                        "present, citation validity, cites the gold")
+    g.add_argument("--model", action="append", default=[],
+                   help="base | tuned | registered name | path (repeatable; NAME=REF to label)")
+    g.add_argument("--n", type=int, default=80, help="prompts (half PubMedQA, half MedQuAD)")
+    g.add_argument("--n-sources", type=int, default=0,
+                   help="passages per prompt (0 = the app's top_k)")
+    g.add_argument("--max-new-tokens", type=int, default=0, help="0 = the app's limit")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--recipe", default="instruct.yaml", help="gold count per prompt from here")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--split", choices=("val", "eval"), default="eval",
+                   help="eval = held-out (report); val = validation slice (choose settings)")
+    g.add_argument("--out", help="write JSON here (+ a .png plot)")
     d = esub.add_parser("decision-probe", help="pretrained generators: cross-validated "
                         "linear probes of PubMedQA's yes/no/maybe on the training side (is "
                         "the decision signal there to learn?)")
@@ -408,6 +426,16 @@ def run_eval(args) -> int:
         _save(args.out, fn(args.model or ["base", "tuned"], cfg, args.limit,
                            args.max_new_tokens, args.batch_size, split=args.split, **extra),
               plot)
+        return 0
+    if args.what == "grounding":
+        from .common import load_config
+        from .grounding import eval_grounding, plot_grounding
+        from .instruct import InstructConfig
+
+        _save(args.out, eval_grounding(args.model or ["base", "tuned"],
+                                       load_config(InstructConfig, args.recipe, args.set),
+                                       args.n, args.max_new_tokens, args.batch_size,
+                                       args.split, args.n_sources, args.seed), plot_grounding)
         return 0
     if args.what == "decision-probe":
         from .common import load_config

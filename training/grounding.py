@@ -1,0 +1,133 @@
+"""`rag eval grounding`: does a generator answer from the evidence it is given, cite it, and
+say so when the evidence is missing?
+
+Held-out RAFT prompts, built as `rag train instruct` builds its examples (the gold passage
+among distractors from other questions, rendered by THE serving prompt) from the held-out
+PubMedQA fold and MedQuAD test titles (`--split val`: the training side's validation slice),
+half of them (seeded) without any gold passage. By default each prompt holds as many passages
+as the app gives the generator (RetrievalConfig.top_k) within the app's prompt budget
+(GenerationConfig.max_prompt_tokens), and answers are as long as the app allows
+(GenerationConfig.max_new_tokens): what a user of the app would see.
+
+Per model, overall and per source:
+- says_so_when_absent: gold-absent prompts answered with the no-evidence statement
+  (prompts.is_no_answer) -- the issue's "answers without evidence say so";
+- refuses_when_present: gold-present prompts answered with it anyway (over-refusal);
+- citation_validity: answers whose every citation number is one of the given sources,
+  counted on the raw text (before the app's parser drops invalid ones);
+- cites_when_answering / cites_gold: of the gold-present answers that do not refuse, the
+  share citing any source / a gold one;
+- mean_words.
+
+    rag eval grounding --model base --model NAME [--split val] [--n 80] --out results/X.json
+"""
+from __future__ import annotations
+
+SPLIT_FILES = "rag_app/splits/pubmedqa_heldout_pmids.txt + MedQuAD test titles (by focus)"
+RATES = ("says_so_when_absent", "refuses_when_present", "citation_validity",
+         "cites_when_answering", "cites_gold")
+
+
+def grounding_items(cfg, tokenizer, n: int, split: str = "eval", n_sources: int = 0,
+                    max_prompt_tokens: int = 0, seed: int = 0) -> list:
+    """`n` RAFT examples of `split` (half PubMedQA, half MedQuAD; half without the gold
+    passage), `n_sources` passages each (0: the app's top_k) within `max_prompt_tokens` (0:
+    the app's budget); the instruct recipe `cfg` gives the gold count and answer length."""
+    from rag_app.config import GenerationConfig, RetrievalConfig
+
+    from .data import instruction_examples
+    from .tasks import check_eval_split
+
+    check_eval_split(split)
+    if n < 2:
+        raise ValueError(f"n={n} is invalid: use >= 2 (half of the prompts lack the gold)")
+    return instruction_examples(tokenizer, n, split, ("pubmedqa", "medquad"), 0.5,
+                                n_sources or RetrievalConfig().top_k, cfg.max_gold, 0.5,
+                                max_prompt_tokens or GenerationConfig().max_prompt_tokens,
+                                cfg.answer_words, seed)
+
+
+def grounding_metrics(answers: list[str], items: list) -> dict:
+    """The rates above (None where no prompt qualifies), counts and mean words."""
+    from rag_app.prompts import is_no_answer, parse_answer
+
+    if len(answers) != len(items):
+        raise ValueError("answers and prompts must have the same length")
+    absent = [is_no_answer(a) for a, e in zip(answers, items) if e.gold_absent]
+    present = [(a, e) for a, e in zip(answers, items) if not e.gold_absent]
+    refused = [is_no_answer(a) for a, _ in present]
+    answered = [(parse_answer(a, e.sources)[1], e) for (a, e), r in zip(present, refused)
+                if not r]
+    valid = [not parse_answer(a, e.sources)[2] for a, e in zip(answers, items)]
+
+    def share(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    return {"n": len(items), "n_gold_absent": len(absent), "n_gold_present": len(present),
+            "says_so_when_absent": share(absent), "refuses_when_present": share(refused),
+            "citation_validity": share(valid),
+            "cites_when_answering": share([bool(c) for c, _ in answered]),
+            "cites_gold": share([any(s.id in c for s in e.sources
+                                     if s.number in e.gold_numbers) for c, e in answered]),
+            "mean_words": share([len(a.split()) for a in answers]) or 0.0}
+
+
+def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
+                   batch_size: int = 8, split: str = "eval", n_sources: int = 0,
+                   seed: int = 0) -> dict:
+    from rag_app.config import GenerationConfig
+
+    from .instruct import prompt_fingerprint
+    from .tasks import generate_texts, models_to_compare, split_fields
+
+    max_new_tokens = max_new_tokens or GenerationConfig().max_new_tokens
+    out: dict = {"dataset": f"RAFT prompts, PubMedQA + MedQuAD "
+                            f"{'held-out' if split == 'eval' else 'validation'}, half without "
+                            f"the gold passage",
+                 **split_fields(split, SPLIT_FILES), "max_new_tokens": max_new_tokens,
+                 "seed": seed, "prompt": prompt_fingerprint(), "models": {}}
+    for label, name, model, tok in models_to_compare(refs):
+        items = grounding_items(cfg, tok, n, split, n_sources, 0, seed)
+        answers = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
+                                 batch_size, desc=label)
+        m = grounding_metrics(answers, items) | {"model": name, "by_source": {
+            src: grounding_metrics([a for a, e in zip(answers, items) if e.source == src],
+                                   [e for e in items if e.source == src])
+            for src in ("pubmedqa", "medquad")}}
+        m["rows"] = [{"id": e.qid, "source": e.source, "gold_numbers": e.gold_numbers,
+                      "n_sources": len(e.sources), "answer": a} for e, a in zip(items, answers)]
+        out["models"][label] = m
+        out["n_sources"] = len(items[0].sources)
+    print_grounding(out)
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def print_grounding(res: dict) -> None:
+    first = next(iter(res["models"].values()), {})
+    print(f"{first.get('n')} {res['dataset']} ({res['split']} split; {res.get('n_sources')} "
+          f"passages per prompt, up to {res['max_new_tokens']} new tokens, greedy)")
+    print(f"{'model':22s} {'source':9s} {'says so|absent':>14s} {'refuses|present':>15s} "
+          f"{'cite valid':>10s} {'cites|answers':>13s} {'cites gold':>10s} {'words':>6s}")
+    for label, m in res["models"].items():
+        for src, mm in [("all", m)] + list(m["by_source"].items()):
+            print(f"{label:22s} {src:9s} " + " ".join(
+                f"{_fmt(mm[k]):>{w}s}" for k, w in zip(RATES, (14, 15, 10, 13, 10)))
+                + f" {mm['mean_words']:6.1f}")
+    print("says so|absent: gold-absent prompts answered 'the sources do not answer' (target "
+          ">= 0.95); refuses|present: gold-present prompts refused all the same; cite valid: "
+          "answers citing only given sources (raw text); cites|answers, cites gold: of the "
+          "gold-present answers that do not refuse, the share citing any source / a gold one")
+
+
+def plot_grounding(result: dict, path: str) -> None:
+    from rag_app.ui_admin import grouped_bars
+
+    series = {label: {k: m[k] for k in RATES} for label, m in result["models"].items()}
+    fig = grouped_bars(series, list(RATES), f"grounding, {result['split']} split "
+                       f"(n={next(iter(result['models'].values()))['n']}, "
+                       f"{result.get('n_sources')} passages)", figsize=(9, 3.6), fontsize=7)
+    fig.savefig(path, dpi=100)
