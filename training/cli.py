@@ -62,9 +62,7 @@ def add_eval_parsers(esub) -> None:
     r = esub.add_parser("relevance", help="held-out relevance classification P/R/F1")
     r.add_argument("--model", action="append", default=[],
                    help="tuned | registered name | path (repeatable; NAME=REF to label)")
-    r.add_argument("--recipe", default="relevance.yaml", help="data settings (queries, seed)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--out", help="write JSON here (+ a .png plot)")
+    _recipe_args(r, "relevance.yaml", "data settings (queries, seed)")
     k = esub.add_parser("ranking", help="nDCG@10/MRR@10/Recall@10: hybrid vs + reranker")
     k.add_argument("--index", default="default")
     k.add_argument("--model", action="append", default=[],
@@ -147,11 +145,9 @@ def add_eval_parsers(esub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=0, help="0 = the app's limit")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--recipe", default="instruct.yaml", help="gold count per prompt from here")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--split", choices=("val", "eval"), default="eval",
                    help="eval = held-out (report); val = validation slice (choose settings)")
-    g.add_argument("--out", help="write JSON here (+ a .png plot)")
+    _recipe_args(g, "instruct.yaml", "gold count per prompt from here")
     d = esub.add_parser("decision-probe", help="pretrained generators: cross-validated "
                         "linear probes of PubMedQA's yes/no/maybe on the training side (is "
                         "the decision signal there to learn?)")
@@ -165,9 +161,7 @@ def add_eval_parsers(esub) -> None:
     d.add_argument("--limit", type=int, default=0, help="first N training-side rows (0 = all)")
     d.add_argument("--C", type=float, default=1.0,
                    help="inverse L2 strength of every probe (scikit-learn's C; fixed, not tuned)")
-    d.add_argument("--recipe", default="qa.yaml", help="split and prompt settings")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    d.add_argument("--out", help="write JSON here (+ a .png plot)")
+    _recipe_args(d, "qa.yaml", "split and prompt settings")
     for what, recipe, tokens, about in (
             ("summarize", "summarize.yaml", 48,
              "generators: ROUGE-1/2/L of greedy summaries of the held-out MeQSum questions"),
@@ -183,10 +177,7 @@ def add_eval_parsers(esub) -> None:
         s.add_argument("--limit", type=int, default=0, help="first N held-out rows (0 = all)")
         s.add_argument("--max-new-tokens", type=int, default=tokens)
         s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--recipe", default=recipe,
-                       help="prompt settings taken from this recipe")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        s.add_argument("--out", help="write JSON here (+ a .png plot)")
+        _recipe_args(s, recipe, "prompt settings taken from this recipe")
         s.add_argument("--split", choices=("val", "eval"), default="eval",
                        help="eval = the held-out fold (report); val = the training side's "
                             "validation slice (choose settings here)")
@@ -343,6 +334,13 @@ def build_eval_index(name: str, embedder: str = "default") -> None:
     corpus = write_jsonl(eval_corpus(), Path("runs") / "eval_corpus.jsonl")
     index, _ = build_index(name, [str(corpus)], embedder=embedder)
     print(f"built index {name}: {len(index)} chunks from {corpus} ({embedder})")
+
+
+def _recipe_args(p, recipe: str, about: str) -> None:
+    """--recipe (default `recipe`), --set KEY=VALUE overrides and --out of an evaluation."""
+    p.add_argument("--recipe", default=recipe, help=about)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="write JSON here (+ a .png plot)")
 
 
 def _save(out: str | None, result: dict, plot) -> None:
