@@ -99,18 +99,15 @@ def hidden_features(model, tok, prompts: list[str], layers: list[int] | None = N
     return {i: np.stack(v) for i, v in feats.items()}
 
 
-def _refuse_tuned(refs: list[str]) -> None:
+def refuse_tuned(base: str, adapter: str | None, name: str) -> None:
+    """models_to_compare's check: a model with a manifest.json beside its weights was tuned
+    in this project and may have trained on the probe's rows."""
     from pathlib import Path
 
-    from rag_app.models import ModelRegistry
-
-    for ref in refs:
-        base, adapter, name = ModelRegistry().resolve_generator(ref.partition("=")[2]
-                                                                if "=" in ref else ref)
-        if any(p and (Path(p) / "manifest.json").is_file() for p in (adapter, base)):
-            raise ValueError(f"{name} was tuned in this project (it has a manifest.json) and "
-                             f"may have trained on these rows: probe pretrained models only "
-                             f"(base, a Hugging Face id or path)")
+    if any(p and (Path(p) / "manifest.json").is_file() for p in (adapter, base)):
+        raise ValueError(f"{name} was tuned in this project (it has a manifest.json) and "
+                         f"may have trained on these rows: probe pretrained models only "
+                         f"(base, a Hugging Face id or path)")
 
 
 def eval_decision_probe(refs: list[str], cfg, limit: int = 0, folds: int = 5,
@@ -122,7 +119,6 @@ def eval_decision_probe(refs: list[str], cfg, limit: int = 0, folds: int = 5,
     from .qa import pubmedqa_rows, qa_prompt
     from .tasks import models_to_compare
 
-    _refuse_tuned(refs)
     rows = pubmedqa_rows("train", cfg.val_fraction)
     rows = rows[:limit] if limit else rows
     gold = [r["decision"] for r in rows]
@@ -139,7 +135,8 @@ def eval_decision_probe(refs: list[str], cfg, limit: int = 0, folds: int = 5,
 
     add("tfidf", TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
         .fit_transform([f"{r['question']}\n{r['context']}" for r in rows]))
-    for label, name, model, tok in models_to_compare(refs) if refs else ():
+    models = models_to_compare(refs, refuse_tuned) if refs else ()
+    for label, name, model, tok in models:
         feats = hidden_features(model, tok, [qa_prompt(tok, r, cfg.max_source_tokens)
                                              for r in rows], layers, desc=label)
         for i, X in feats.items():

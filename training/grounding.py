@@ -29,10 +29,10 @@ RATES = ("says_so_when_absent", "refuses_when_present", "citation_validity",
 
 
 def grounding_items(cfg, tokenizer, n: int, split: str = "eval", n_sources: int = 0,
-                    max_prompt_tokens: int = 0, seed: int = 0) -> list:
+                    seed: int = 0) -> list:
     """`n` RAFT examples of `split` (half PubMedQA, half MedQuAD; half without the gold
-    passage), `n_sources` passages each (0: the app's top_k) within `max_prompt_tokens` (0:
-    the app's budget); the instruct recipe `cfg` gives the gold count and answer length."""
+    passage), `n_sources` passages each (0: the app's top_k) within the app's prompt budget;
+    the instruct recipe `cfg` gives the gold count and answer length."""
     from rag_app.config import GenerationConfig, RetrievalConfig
 
     from .data import instruction_examples
@@ -43,7 +43,7 @@ def grounding_items(cfg, tokenizer, n: int, split: str = "eval", n_sources: int 
         raise ValueError(f"n={n} is invalid: use >= 2 (half of the prompts lack the gold)")
     return instruction_examples(tokenizer, n, split, ("pubmedqa", "medquad"), 0.5,
                                 n_sources or RetrievalConfig().top_k, cfg.max_gold, 0.5,
-                                max_prompt_tokens or GenerationConfig().max_prompt_tokens,
+                                GenerationConfig().max_prompt_tokens,
                                 cfg.answer_words, seed)
 
 
@@ -53,12 +53,13 @@ def grounding_metrics(answers: list[str], items: list) -> dict:
 
     if len(answers) != len(items):
         raise ValueError("answers and prompts must have the same length")
+    parsed = [parse_answer(a, e.sources) for a, e in zip(answers, items)]  # (text, cited, dropped)
     absent = [is_no_answer(a) for a, e in zip(answers, items) if e.gold_absent]
-    present = [(a, e) for a, e in zip(answers, items) if not e.gold_absent]
-    refused = [is_no_answer(a) for a, _ in present]
-    answered = [(parse_answer(a, e.sources)[1], e) for (a, e), r in zip(present, refused)
-                if not r]
-    valid = [not parse_answer(a, e.sources)[2] for a, e in zip(answers, items)]
+    present = [(a, e, cited) for a, e, (_, cited, _) in zip(answers, items, parsed)
+               if not e.gold_absent]
+    refused = [is_no_answer(a) for a, _, _ in present]
+    answered = [(cited, e) for (_, e, cited), r in zip(present, refused) if not r]
+    valid = [not dropped for _, _, dropped in parsed]
 
     def share(xs):
         return sum(xs) / len(xs) if xs else None
@@ -87,7 +88,7 @@ def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
                  **split_fields(split, SPLIT_FILES), "max_new_tokens": max_new_tokens,
                  "seed": seed, "prompt": prompt_fingerprint(), "models": {}}
     for label, name, model, tok in models_to_compare(refs):
-        items = grounding_items(cfg, tok, n, split, n_sources, 0, seed)
+        items = grounding_items(cfg, tok, n, split, n_sources, seed)
         answers = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
                                  batch_size, desc=label)
         m = grounding_metrics(answers, items) | {"model": name, "by_source": {

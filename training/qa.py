@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
-                    prompt_fingerprint, render_prompt, run_task, take)
+                    prompt_fingerprint, render_prompt, run_task, take, val_guard)
 
 SPLITS = ("train", "val", "eval")
 
@@ -188,7 +188,7 @@ def eval_qa_gold(refs: list[str], cfg: QAConfig, limit: int = 0, max_new_tokens:
     for label, name, items, answers, logodds in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
             batch_size, score=decision_logodds,
-            val_check=("qa", cfg.val_fraction) if split == "val" else None):
+            check=val_guard("qa", cfg.val_fraction, split)):
         gold = [e.label for e in items]
         m = qa_metrics(answers, gold, [e.reference for e in items], majority) | {
             "model": name, "decision_auc": decision_auc(logodds, gold)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .tasks import (TaskConfig, TaskExample, held_out_outputs, is_val, make_example, mean,
                     prompt_fingerprint, render_prompt, run_task, split_fields, split_words,
-                    take)
+                    take, val_guard)
 
 SOURCES = ("meqsum", "mediqa-question", "mediqa-answer")
 SPLITS = ("train", "val", "eval")
@@ -148,7 +148,7 @@ def eval_summarize(refs: list[str], cfg: SummarizeConfig, limit: int = 0,
     for label, name, items, preds, _ in held_out_outputs(
             refs, lambda tok: build_examples(cfg, tok, split), limit, max_new_tokens,
             batch_size, num_beams=num_beams, length_penalty=length_penalty, mbr=mbr,
-            val_check=("summarize", cfg.val_fraction) if split == "val" else None):
+            check=val_guard("summarize", cfg.val_fraction, split)):
         m = summary_metrics(preds, [e.reference for e in items]) | {"model": name}
         m["rows"] = [{"id": e.id, "reference": e.reference, "summary": p}
                      for e, p in zip(items, preds)]

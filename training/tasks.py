@@ -185,11 +185,26 @@ def trained_on_val(path: str | None, task: str, val_fraction: float) -> bool:
     return man.get("training_type") == task and kept is not None and float(kept) < val_fraction
 
 
-def models_to_compare(refs: list[str], val_check: tuple[str, float] | None = None):
+def val_guard(task: str, val_fraction: float, split: str):
+    """A models_to_compare `check` for scoring `split`: on the validation slice, a model of
+    `task` that trained on it is refused (its figures would be inflated); None otherwise."""
+    if split != "val":
+        return None
+
+    def check(base: str, adapter: str | None, name: str) -> None:
+        if any(trained_on_val(p, task, val_fraction) for p in (adapter, base)):
+            raise ValueError(f"{name} was trained on the {task} validation slice (its recipe "
+                             f"kept val_fraction < {val_fraction:g} aside): score it on the "
+                             f"held-out fold (--split eval), not on --split val")
+    return check
+
+
+def models_to_compare(refs: list[str],
+                      check: Callable[[str, str | None, str], None] | None = None):
     """Yield (label, display name, model, tokenizer) for each `--model` ref: base | tuned |
     registered generator name | path, optionally LABEL=REF; one model in memory at a time.
-    `val_check` = (task, val_fraction) when scoring the validation slice: a model of that task
-    that trained on it is refused before anything loads (its figures would be inflated)."""
+    `check(base path, adapter path or None, display name)` runs on every resolved ref before
+    the first model loads, and raises to refuse one (e.g. val_guard)."""
     from rag_app.models import ModelRegistry
 
     from .policy import load_causal
@@ -201,11 +216,8 @@ def models_to_compare(refs: list[str], val_check: tuple[str, float] | None = Non
         raise ValueError(f"--model labels {labels} repeat: give each a LABEL=REF")
     resolved = [ModelRegistry().resolve_generator(ref.partition("=")[2] if "=" in ref else ref)
                 for ref in refs]
-    for base, adapter, name in resolved:
-        if val_check and any(trained_on_val(p, *val_check) for p in (adapter, base)):
-            raise ValueError(f"{name} was trained on the {val_check[0]} validation slice "
-                             f"(its recipe kept val_fraction < {val_check[1]:g} aside): score "
-                             f"it on the held-out fold (--split eval), not on --split val")
+    for base, adapter, name in resolved if check else ():
+        check(base, adapter, name)
     for (base, adapter, name), label in zip(resolved, labels):
         model, tok = load_causal(base, adapter)
         yield label, name, model, tok
@@ -248,14 +260,14 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, batch_si
 
 def held_out_outputs(refs: list[str], build, limit: int, max_new_tokens: int, batch_size: int,
                      score=None, num_beams: int = 1, length_penalty: float = 1.0,
-                     mbr: bool = False, val_check: tuple[str, float] | None = None):
+                     mbr: bool = False, check=None):
     """Yield (label, display name, items, generated texts, scores) per `--model` ref: items =
     build(tokenizer) (the held-out examples, as that model's tokenizer renders them), the first
     `limit` of them (0 = all); scores = score(tokenizer, first-step logits of each answer)
     (None without one); `num_beams` > 1 decodes by beam search instead of greedily, with
-    `length_penalty` (policy.generate), keeping the consensus beam if `mbr`; `val_check`:
+    `length_penalty` (policy.generate), keeping the consensus beam if `mbr`; `check`:
     models_to_compare's."""
-    for label, name, model, tok in models_to_compare(refs, val_check):
+    for label, name, model, tok in models_to_compare(refs, check):
         items = build(tok)
         items = items[:limit] if limit else items
         first: list = []
