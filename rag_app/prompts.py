@@ -190,7 +190,8 @@ def parse_answer(text: str, sources: list[Source]) -> tuple[str, list[str], list
 _NO_ANSWER_RE = re.compile(
     r"(sources?|context|passages?|documents?)\s+(provided\s+)?"
     r"(do|does|did)\s*(not|n't|n’t)\s+(answer|contain|provide|mention|address|include|say)"
-    r"|(can ?not|can't|can’t|unable to)\s+(answer|find)\b.{0,40}\b(sources?|context|passages?)"
+    r"|(can ?not|can't|can’t|could ?not|couldn't|couldn’t|unable to)\s+(answer|find)\b.{0,40}"
+    r"\b(sources?|context|passages?)"
     r"|no (relevant )?information (about|on)\b.{0,60}\b(in|from) the (provided )?(sources?|context)",
     re.IGNORECASE | re.DOTALL)
 

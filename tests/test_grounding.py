@@ -62,18 +62,50 @@ def test_prompts_are_split_side_only_half_without_gold_with_the_apps_passage_cou
 
 
 @pytest.mark.slow
-def test_grounding_command_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("gate", [None, "cosine"])
+def test_grounding_command_end_to_end(tmp_path, capsys, gate):
     from rag_app.cli import main
+    from rag_app.pipeline import WEAK_EVIDENCE_TEXT
 
     out = tmp_path / "grounding.json"
     assert main(["eval", "grounding", "--model", "base", "--n", "4", "--n-sources", "2",
                  "--max-new-tokens", "8", "--batch-size", "4", "--split", "val",
-                 "--out", str(out)]) == 0
+                 "--out", str(out)] + (["--gate", gate] if gate else [])) == 0
     res = json.loads(out.read_text())
     m = res["models"]["base"]
     assert m["n"] == 4 and m["n_gold_absent"] == 2 and len(m["rows"]) == 4
     assert res["n_sources"] == 2 and res["split"] == "val" and res["max_new_tokens"] == 8
-    assert all(len(r["answer"].split()) <= 8 for r in m["rows"])
+    if gate:  # a gated prompt gets the app's weak-evidence text, the others the generator's
+        assert res["gate"]["scorer"] == "bi-encoder cosine"
+        for r in m["rows"]:
+            assert (r["answer"] == WEAK_EVIDENCE_TEXT) == (r["gate_score"] < 0.35) == r["gated"]
+        assert m["says_so_when_absent"] >= res["gate"]["blocks_when_absent"]
+    else:
+        assert "gate" not in res and "gated" not in m["rows"][0]
+    assert all(len(r["answer"].split()) <= 8 or r.get("gated") for r in m["rows"])
     assert set(m["by_source"]) == {"pubmedqa", "medquad"}
     assert out.with_suffix(".png").is_file()
     assert "says so|absent" in capsys.readouterr().out
+
+
+def test_gate_scores_the_passages_as_the_app_does():
+    """The cosine gate (the app without a relevance classifier): a prompt holding the
+    question's own answer passage scores above the app's threshold, one holding only passages
+    about other things below it."""
+    from rag_app.rerank import COSINE_WEAK
+    from training.grounding import gate_rates, gate_scores
+
+    def ex(texts, gold):
+        srcs = [Source(k, f"p{k}#0", f"p{k}", "", t, 0.0) for k, t in enumerate(texts, 1)]
+        return InstructExample("q", "medquad", "g", "What are the symptoms of glaucoma?",
+                               srcs, "", gold)
+
+    items = [ex(["Glaucoma often has no symptoms at first; later, side vision is lost and "
+                 "eye pain or blurred vision may occur.", "Knee replacement surgery."], [1]),
+             ex(["Knee replacement surgery replaces a damaged joint.",
+                 "Tax returns are due in April."], [])]
+    best, threshold, kind = gate_scores(items)
+    assert (threshold, kind) == (COSINE_WEAK, "bi-encoder cosine")
+    assert best[0] >= threshold > best[1]
+    assert gate_rates([b < threshold for b in best], items) == {
+        "blocks_when_absent": 1.0, "blocks_when_present": 0.0}

@@ -8,6 +8,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from rag_app.pipeline import WEAK_EVIDENCE_TEXT  # noqa: E402
 from rag_app.prompts import (NO_ANSWER, SYSTEM_PROMPT, build_messages, format_sources,  # noqa: E402
                              is_no_answer, parse_answer, render_prompt)
 from rag_app.types import Source  # noqa: E402
@@ -86,6 +87,7 @@ def test_parse_answer_without_sources_drops_everything():
     "The provided sources don't contain information about this.",
     "The context does not mention the dosage.",
     "I cannot answer this from the provided sources.",
+    WEAK_EVIDENCE_TEXT,  # what the app serves when its weak-evidence gate fires
 ])
 def test_is_no_answer_true(text):
     assert is_no_answer(text)

@@ -18,7 +18,7 @@
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
     rag eval grounding --model base --model NAME [--split val] [--n 80] [--n-sources K]
-        [--out results/X.json]
+        [--gate cosine|REF] [--out results/X.json]
     rag eval decision-probe --model base [--model HF_ID|PATH] [--folds 5] [--layers 8,15]
         [--out results/X.json]
 """
@@ -147,6 +147,9 @@ def add_eval_parsers(esub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split", choices=("val", "eval"), default="eval",
                    help="eval = held-out (report); val = validation slice (choose settings)")
+    g.add_argument("--gate", help="score what the app serves: its weak-evidence gate first, "
+                   "by the bi-encoder cosine ('cosine', the app without a classifier) or a "
+                   "relevance classifier (tuned | registered name | path)")
     _recipe_args(g, "instruct.yaml", "gold count per prompt from here")
     d = esub.add_parser("decision-probe", help="pretrained generators: cross-validated "
                         "linear probes of PubMedQA's yes/no/maybe on the training side (is "
@@ -430,10 +433,12 @@ def run_eval(args) -> int:
         from .grounding import eval_grounding, plot_grounding
         from .instruct import InstructConfig
 
+        gate = args.gate if args.gate in (None, "cosine") else resolve_model(args.gate)
         _save(args.out, eval_grounding(args.model or ["base", "tuned"],
                                        load_config(InstructConfig, args.recipe, args.set),
                                        args.n, args.max_new_tokens, args.batch_size,
-                                       args.split, args.n_sources, args.seed), plot_grounding)
+                                       args.split, args.n_sources, args.seed,
+                                       gate), plot_grounding)
         return 0
     if args.what == "decision-probe":
         from .common import load_config

@@ -19,7 +19,16 @@ Per model, overall and per source:
   share citing any source / a gold one;
 - mean_words.
 
-    rag eval grounding --model base --model NAME [--split val] [--n 80] --out results/X.json
+`--gate` scores the answers the app would SERVE instead of the generator's alone: before
+generating, the app's weak-evidence gate (RagPipeline.is_weak) reads the best score of the
+prompt's passages -- the relevance classifier's probability (`--gate NAME|PATH|tuned`, a
+cross-encoder) or, as the app does without one, the bi-encoder cosine (`--gate cosine`) --
+and below the app's threshold (rerank.CLASSIFIER_WEAK / COSINE_WEAK, not tuned here) answers
+with its weak-evidence text instead of running the generator. The gate's own rates are
+reported beside (blocks_when_absent / blocks_when_present).
+
+    rag eval grounding --model base --model NAME [--split val] [--n 80] [--gate cosine|REF]
+        --out results/X.json
 """
 from __future__ import annotations
 
@@ -73,10 +82,46 @@ def grounding_metrics(answers: list[str], items: list) -> dict:
             "mean_words": share([len(a.split()) for a in answers]) or 0.0}
 
 
+def gate_scores(items: list, relevance: str | None = None) -> tuple[list[float], float, str]:
+    """The app's weak-evidence gate on each prompt's passages, scored as the app's Reranker
+    scores them: the best relevance-classifier probability (`relevance`: a cross-encoder
+    folder) or, without one, the best bi-encoder cosine with the question. Returns the best
+    score per prompt, the app's threshold for that scorer and the scorer's kind."""
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from rag_app.embed import make_embedder
+    from rag_app.rerank import Reranker
+    from rag_app.types import Chunk
+
+    # no index behind these passages: the cosine path embeds them itself, as it does for a
+    # keyword-only index (Reranker.score)
+    rr = Reranker(SimpleNamespace(faiss=None), None if relevance else make_embedder(),
+                  relevance)
+    best = [float(rr.score(e.question, [Chunk(s.id, s.doc_id, s.text, s.title)
+                                        for s in e.sources]).max())
+            for e in tqdm(items, desc="evidence gate", mininterval=2)]
+    return best, rr.weak_threshold, ("relevance classifier" if relevance
+                                     else "bi-encoder cosine")
+
+
+def gate_rates(blocked, items) -> dict:
+    """Shares of the gold-absent / gold-present prompts the gate answers itself."""
+    def share(absent: bool):
+        xs = [b for b, e in zip(blocked, items) if e.gold_absent == absent]
+        return sum(xs) / len(xs) if xs else None
+
+    return {"blocks_when_absent": share(True), "blocks_when_present": share(False)}
+
+
 def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
                    batch_size: int = 8, split: str = "eval", n_sources: int = 0,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, gate: str | None = None) -> dict:
+    """`gate`: None (the generator alone), "cosine" or a relevance classifier's folder (the
+    answers the app would serve behind its weak-evidence gate)."""
     from rag_app.config import GenerationConfig
+    from rag_app.pipeline import WEAK_EVIDENCE_TEXT
 
     from .instruct import prompt_fingerprint
     from .tasks import generate_texts, models_to_compare, split_fields
@@ -87,16 +132,31 @@ def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
                             f"the gold passage",
                  **split_fields(split, SPLIT_FILES), "max_new_tokens": max_new_tokens,
                  "seed": seed, "prompt": prompt_fingerprint(), "models": {}}
+    scores: list[float] = []
     for label, name, model, tok in models_to_compare(refs):
         items = grounding_items(cfg, tok, n, split, n_sources, seed)
-        answers = generate_texts(model, tok, [e.prompt for e in items], max_new_tokens,
-                                 batch_size, desc=label)
+        if gate and not scores:  # the passages do not depend on the model: score them once
+            scores, threshold, kind = gate_scores(items, None if gate == "cosine" else gate)
+            blocked = [s < threshold for s in scores]
+            out["gate"] = {"scorer": kind, "model": None if gate == "cosine" else gate,
+                           "threshold": threshold, **gate_rates(blocked, items),
+                           "by_source": {src: gate_rates(*zip(*[
+                               (b, e) for b, e in zip(blocked, items) if e.source == src]))
+                               for src in ("pubmedqa", "medquad")}}
+        run = [i for i in range(len(items)) if not (gate and blocked[i])]
+        texts = generate_texts(model, tok, [items[i].prompt for i in run], max_new_tokens,
+                               batch_size, desc=label)
+        answers = [WEAK_EVIDENCE_TEXT] * len(items)
+        for i, t in zip(run, texts):
+            answers[i] = t
         m = grounding_metrics(answers, items) | {"model": name, "by_source": {
             src: grounding_metrics([a for a, e in zip(answers, items) if e.source == src],
                                    [e for e in items if e.source == src])
             for src in ("pubmedqa", "medquad")}}
         m["rows"] = [{"id": e.qid, "source": e.source, "gold_numbers": e.gold_numbers,
-                      "n_sources": len(e.sources), "answer": a} for e, a in zip(items, answers)]
+                      "n_sources": len(e.sources), "answer": a}
+                     | ({"gate_score": scores[i], "gated": blocked[i]} if gate else {})
+                     for i, (e, a) in enumerate(zip(items, answers))]
         out["models"][label] = m
         out["n_sources"] = len(items[0].sources)
     print_grounding(out)
@@ -118,6 +178,13 @@ def print_grounding(res: dict) -> None:
             print(f"{label:22s} {src:9s} " + " ".join(
                 f"{_fmt(mm[k]):>{w}s}" for k, w in zip(RATES, (14, 15, 10, 13, 10)))
                 + f" {mm['mean_words']:6.1f}")
+    if g := res.get("gate"):
+        print(f"served behind the app's weak-evidence gate ({g['scorer']}"
+              f"{' ' + g['model'] if g['model'] else ''}, best passage score < "
+              f"{g['threshold']}): " + ", ".join(
+                  f"{src} blocks {_fmt(x['blocks_when_absent'])} absent / "
+                  f"{_fmt(x['blocks_when_present'])} present"
+                  for src, x in [("all", g)] + list(g["by_source"].items())))
     print("says so|absent: gold-absent prompts answered 'the sources do not answer' (target "
           ">= 0.95); refuses|present: gold-present prompts refused all the same; cite valid: "
           "answers citing only given sources (raw text); cites|answers, cites gold: of the "
@@ -130,5 +197,6 @@ def plot_grounding(result: dict, path: str) -> None:
     series = {label: {k: m[k] for k in RATES} for label, m in result["models"].items()}
     fig = grouped_bars(series, list(RATES), f"grounding, {result['split']} split "
                        f"(n={next(iter(result['models'].values()))['n']}, "
-                       f"{result.get('n_sources')} passages)", figsize=(9, 3.6), fontsize=7)
+                       f"{result.get('n_sources')} passages"
+                       f"{', served behind the gate' if result.get('gate') else ''})", figsize=(9, 3.6), fontsize=7)
     fig.savefig(path, dpi=100)
