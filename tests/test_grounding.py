@@ -107,5 +107,25 @@ def test_gate_scores_the_passages_as_the_app_does():
     best, threshold, kind = gate_scores(items)
     assert (threshold, kind) == (COSINE_WEAK, "bi-encoder cosine")
     assert best[0] >= threshold > best[1]
-    assert gate_rates([b < threshold for b in best], items) == {
-        "blocks_when_absent": 1.0, "blocks_when_present": 0.0}
+    rates = gate_rates(best, items, threshold)
+    assert (rates["blocks_when_absent"], rates["blocks_when_present"]) == (1.0, 0.0)
+    assert rates["median_score_present"] == pytest.approx(best[0])
+
+
+def test_gate_only_scores_the_gate_without_a_generator(tmp_path, capsys):
+    from rag_app.cli import main
+
+    out = tmp_path / "gate.json"
+    assert main(["eval", "grounding", "--gate", "cosine", "--gate-only", "--n", "6",
+                 "--split", "val", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    g = res["gate"]
+    assert res["models"] == {} and res["n"] == 6 and g["scorer"] == "bi-encoder cosine"
+    assert set(g["by_source"]) == {"pubmedqa", "medquad"}
+    assert 0 <= g["blocks_when_absent"] <= 1 and g["median_score_present"] > 0
+    assert out.with_suffix(".png").is_file() and "gate only" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="needs a gate"):
+        from training.grounding import eval_grounding
+        from training.instruct import InstructConfig
+
+        eval_grounding([], InstructConfig(), 4, gate_only=True)

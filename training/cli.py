@@ -18,7 +18,7 @@
     rag eval qa-gold --model base --model NAME [--limit N] [--max-new-tokens 96]
         [--out results/X.json]
     rag eval grounding --model base --model NAME [--split val] [--n 80] [--n-sources K]
-        [--gate cosine|REF] [--out results/X.json]
+        [--gate cosine|REF [--gate-only]] [--out results/X.json]
     rag eval decision-probe --model base [--model HF_ID|PATH] [--folds 5] [--layers 8,15]
         [--out results/X.json]
 """
@@ -150,6 +150,8 @@ def add_eval_parsers(esub) -> None:
     g.add_argument("--gate", help="score what the app serves: its weak-evidence gate first, "
                    "by the bi-encoder cosine ('cosine', the app without a classifier) or a "
                    "relevance classifier (tuned | registered name | path)")
+    g.add_argument("--gate-only", action="store_true",
+                   help="score the --gate alone on the prompts (block rates), no generator")
     _recipe_args(g, "instruct.yaml", "gold count per prompt from here")
     d = esub.add_parser("decision-probe", help="pretrained generators: cross-validated "
                         "linear probes of PubMedQA's yes/no/maybe on the training side (is "
@@ -438,7 +440,7 @@ def run_eval(args) -> int:
                                        load_config(InstructConfig, args.recipe, args.set),
                                        args.n, args.max_new_tokens, args.batch_size,
                                        args.split, args.n_sources, args.seed,
-                                       gate), plot_grounding)
+                                       gate, args.gate_only), plot_grounding)
         return 0
     if args.what == "decision-probe":
         from .common import load_config

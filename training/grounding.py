@@ -32,6 +32,8 @@ reported beside (blocks_when_absent / blocks_when_present).
 """
 from __future__ import annotations
 
+import numpy as np
+
 SPLIT_FILES = "rag_app/splits/pubmedqa_heldout_pmids.txt + MedQuAD test titles (by focus)"
 RATES = ("says_so_when_absent", "refuses_when_present", "citation_validity",
          "cites_when_answering", "cites_gold")
@@ -106,43 +108,72 @@ def gate_scores(items: list, relevance: str | None = None) -> tuple[list[float],
                                      else "bi-encoder cosine")
 
 
-def gate_rates(blocked, items) -> dict:
-    """Shares of the gold-absent / gold-present prompts the gate answers itself."""
-    def share(absent: bool):
-        xs = [b for b, e in zip(blocked, items) if e.gold_absent == absent]
-        return sum(xs) / len(xs) if xs else None
+def gate_rates(scores, items, threshold: float) -> dict:
+    """Shares of the gold-absent / gold-present prompts the gate answers itself (best passage
+    score below `threshold`), and the median best score of each."""
+    def part(absent: bool):
+        return [sc for sc, e in zip(scores, items) if e.gold_absent == absent]
 
-    return {"blocks_when_absent": share(True), "blocks_when_present": share(False)}
+    def share(xs):
+        return sum(x < threshold for x in xs) / len(xs) if xs else None
+
+    def median(xs):
+        return float(np.median(xs)) if xs else None
+
+    return {"blocks_when_absent": share(part(True)), "blocks_when_present": share(part(False)),
+            "median_score_absent": median(part(True)),
+            "median_score_present": median(part(False))}
+
+
+def evaluate_gate(items: list, gate: str) -> tuple[list[float], list[bool], dict]:
+    """`gate` ("cosine" or a relevance classifier's folder) on every prompt: best scores,
+    blocked flags and the summary kept as the result's "gate" (overall and per source)."""
+    scores, threshold, kind = gate_scores(items, None if gate == "cosine" else gate)
+    return scores, [sc < threshold for sc in scores], {
+        "scorer": kind, "model": None if gate == "cosine" else gate, "threshold": threshold,
+        **gate_rates(scores, items, threshold),
+        "by_source": {src: gate_rates(*zip(*[(sc, e) for sc, e in zip(scores, items)
+                                             if e.source == src]), threshold)
+                      if any(e.source == src for e in items) else {}
+                      for src in ("pubmedqa", "medquad")}}
 
 
 def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
                    batch_size: int = 8, split: str = "eval", n_sources: int = 0,
-                   seed: int = 0, gate: str | None = None) -> dict:
+                   seed: int = 0, gate: str | None = None, gate_only: bool = False) -> dict:
     """`gate`: None (the generator alone), "cosine" or a relevance classifier's folder (the
-    answers the app would serve behind its weak-evidence gate)."""
+    answers the app would serve behind its weak-evidence gate). `gate_only`: score the gate
+    alone on the prompts (rendered with the base tokenizer), no generator runs."""
     from rag_app.config import GenerationConfig
     from rag_app.pipeline import WEAK_EVIDENCE_TEXT
 
     from .instruct import prompt_fingerprint
     from .tasks import generate_texts, models_to_compare, split_fields
 
+    if gate_only and not gate:
+        raise ValueError("gate_only needs a gate: 'cosine' or a relevance classifier")
     max_new_tokens = max_new_tokens or GenerationConfig().max_new_tokens
     out: dict = {"dataset": f"RAFT prompts, PubMedQA + MedQuAD "
                             f"{'held-out' if split == 'eval' else 'validation'}, half without "
                             f"the gold passage",
                  **split_fields(split, SPLIT_FILES), "max_new_tokens": max_new_tokens,
                  "seed": seed, "prompt": prompt_fingerprint(), "models": {}}
+    if gate_only:
+        from transformers import AutoTokenizer
+
+        from rag_app.generate import ensure_base_checkpoint
+
+        items = grounding_items(cfg, AutoTokenizer.from_pretrained(ensure_base_checkpoint()),
+                                n, split, n_sources, seed)
+        out["n"], out["n_sources"] = len(items), len(items[0].sources)
+        out["gate"] = evaluate_gate(items, gate)[2]
+        print_grounding(out)
+        return out
     scores: list[float] = []
     for label, name, model, tok in models_to_compare(refs):
         items = grounding_items(cfg, tok, n, split, n_sources, seed)
         if gate and not scores:  # the passages do not depend on the model: score them once
-            scores, threshold, kind = gate_scores(items, None if gate == "cosine" else gate)
-            blocked = [s < threshold for s in scores]
-            out["gate"] = {"scorer": kind, "model": None if gate == "cosine" else gate,
-                           "threshold": threshold, **gate_rates(blocked, items),
-                           "by_source": {src: gate_rates(*zip(*[
-                               (b, e) for b, e in zip(blocked, items) if e.source == src]))
-                               for src in ("pubmedqa", "medquad")}}
+            scores, blocked, out["gate"] = evaluate_gate(items, gate)
         run = [i for i in range(len(items)) if not (gate and blocked[i])]
         texts = generate_texts(model, tok, [items[i].prompt for i in run], max_new_tokens,
                                batch_size, desc=label)
@@ -158,7 +189,7 @@ def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
                      | ({"gate_score": scores[i], "gated": blocked[i]} if gate else {})
                      for i, (e, a) in enumerate(zip(items, answers))]
         out["models"][label] = m
-        out["n_sources"] = len(items[0].sources)
+        out["n"], out["n_sources"] = len(items), len(items[0].sources)
     print_grounding(out)
     return out
 
@@ -168,9 +199,9 @@ def _fmt(x) -> str:
 
 
 def print_grounding(res: dict) -> None:
-    first = next(iter(res["models"].values()), {})
-    print(f"{first.get('n')} {res['dataset']} ({res['split']} split; {res.get('n_sources')} "
-          f"passages per prompt, up to {res['max_new_tokens']} new tokens, greedy)")
+    gen = f", up to {res['max_new_tokens']} new tokens, greedy" if res["models"] else ""
+    print(f"{res.get('n')} {res['dataset']} ({res['split']} split; {res.get('n_sources')} "
+          f"passages per prompt{gen})")
     print(f"{'model':22s} {'source':9s} {'says so|absent':>14s} {'refuses|present':>15s} "
           f"{'cite valid':>10s} {'cites|answers':>13s} {'cites gold':>10s} {'words':>6s}")
     for label, m in res["models"].items():
@@ -179,12 +210,13 @@ def print_grounding(res: dict) -> None:
                 f"{_fmt(mm[k]):>{w}s}" for k, w in zip(RATES, (14, 15, 10, 13, 10)))
                 + f" {mm['mean_words']:6.1f}")
     if g := res.get("gate"):
-        print(f"served behind the app's weak-evidence gate ({g['scorer']}"
-              f"{' ' + g['model'] if g['model'] else ''}, best passage score < "
-              f"{g['threshold']}): " + ", ".join(
+        print(f"{'served behind' if res['models'] else 'gate only:'} the app's weak-evidence "
+              f"gate ({g['scorer']}{' ' + g['model'] if g['model'] else ''}, best passage "
+              f"score < {g['threshold']}): " + "; ".join(
                   f"{src} blocks {_fmt(x['blocks_when_absent'])} absent / "
-                  f"{_fmt(x['blocks_when_present'])} present"
-                  for src, x in [("all", g)] + list(g["by_source"].items())))
+                  f"{_fmt(x['blocks_when_present'])} present (median best score "
+                  f"{_fmt(x['median_score_absent'])} / {_fmt(x['median_score_present'])})"
+                  for src, x in [("all", g)] + list(g["by_source"].items()) if x))
     print("says so|absent: gold-absent prompts answered 'the sources do not answer' (target "
           ">= 0.95); refuses|present: gold-present prompts refused all the same; cite valid: "
           "answers citing only given sources (raw text); cites|answers, cites gold: of the "
@@ -195,8 +227,14 @@ def plot_grounding(result: dict, path: str) -> None:
     from rag_app.ui_admin import grouped_bars
 
     series = {label: {k: m[k] for k in RATES} for label, m in result["models"].items()}
-    fig = grouped_bars(series, list(RATES), f"grounding, {result['split']} split "
-                       f"(n={next(iter(result['models'].values()))['n']}, "
-                       f"{result.get('n_sources')} passages"
-                       f"{', served behind the gate' if result.get('gate') else ''})", figsize=(9, 3.6), fontsize=7)
+    keys = list(RATES)
+    if not series:  # gate only
+        keys = ["blocks_when_absent", "blocks_when_present"]
+        series = {src: {k: g[k] for k in keys} for src, g in
+                  [("all", result["gate"])] + list(result["gate"]["by_source"].items()) if g}
+    gated = "" if not result.get("gate") else (", served behind the gate" if result["models"]
+                                                else ", the gate alone")
+    fig = grouped_bars(series, keys, f"grounding, {result['split']} split (n={result['n']}, "
+                       f"{result.get('n_sources')} passages{gated})", figsize=(9, 3.6),
+                       fontsize=7)
     fig.savefig(path, dpi=100)
