@@ -25,10 +25,11 @@ prompt's passages -- the relevance classifier's probability (`--gate NAME|PATH|t
 cross-encoder) or, as the app does without one, the bi-encoder cosine (`--gate cosine`) --
 and below the app's threshold (rerank.CLASSIFIER_WEAK / COSINE_WEAK, not tuned here) answers
 with its weak-evidence text instead of running the generator. The gate's own rates are
-reported beside (blocks_when_absent / blocks_when_present).
+reported beside (blocks_when_absent / blocks_when_present, median best score); with
+`--gate-only` they are all that is scored (no generator runs: cheap, for choosing a gate).
 
-    rag eval grounding --model base --model NAME [--split val] [--n 80] [--gate cosine|REF]
-        --out results/X.json
+    rag eval grounding --model base --model NAME [--split val] [--n 80]
+        [--gate cosine|REF [--gate-only]] --out results/X.json
 """
 from __future__ import annotations
 
@@ -202,8 +203,9 @@ def print_grounding(res: dict) -> None:
     gen = f", up to {res['max_new_tokens']} new tokens, greedy" if res["models"] else ""
     print(f"{res.get('n')} {res['dataset']} ({res['split']} split; {res.get('n_sources')} "
           f"passages per prompt{gen})")
-    print(f"{'model':22s} {'source':9s} {'says so|absent':>14s} {'refuses|present':>15s} "
-          f"{'cite valid':>10s} {'cites|answers':>13s} {'cites gold':>10s} {'words':>6s}")
+    if res["models"]:
+        print(f"{'model':22s} {'source':9s} {'says so|absent':>14s} {'refuses|present':>15s} "
+              f"{'cite valid':>10s} {'cites|answers':>13s} {'cites gold':>10s} {'words':>6s}")
     for label, m in res["models"].items():
         for src, mm in [("all", m)] + list(m["by_source"].items()):
             print(f"{label:22s} {src:9s} " + " ".join(
