@@ -129,14 +129,17 @@ def gate_rates(scores, items, threshold: float) -> dict:
 def evaluate_gate(items: list, gate: str) -> tuple[list[float], list[bool], dict]:
     """`gate` ("cosine" or a relevance classifier's folder) on every prompt: best scores,
     blocked flags and the summary kept as the result's "gate" (overall and per source)."""
-    scores, threshold, kind = gate_scores(items, None if gate == "cosine" else gate)
+    relevance = None if gate == "cosine" else gate
+    scores, threshold, kind = gate_scores(items, relevance)
+
+    def of_source(src: str) -> dict:
+        sel = [(sc, e) for sc, e in zip(scores, items) if e.source == src]
+        return gate_rates([sc for sc, _ in sel], [e for _, e in sel], threshold) if sel else {}
+
     return scores, [sc < threshold for sc in scores], {
-        "scorer": kind, "model": None if gate == "cosine" else gate, "threshold": threshold,
+        "scorer": kind, "model": relevance, "threshold": threshold,
         **gate_rates(scores, items, threshold),
-        "by_source": {src: gate_rates(*zip(*[(sc, e) for sc, e in zip(scores, items)
-                                             if e.source == src]), threshold)
-                      if any(e.source == src for e in items) else {}
-                      for src in ("pubmedqa", "medquad")}}
+        "by_source": {src: of_source(src) for src in ("pubmedqa", "medquad")}}
 
 
 def eval_grounding(refs: list[str], cfg, n: int = 80, max_new_tokens: int = 0,
